@@ -1,0 +1,302 @@
+"""Checkpoints: the single owner of everything a bit-identical resume needs.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain containers, so it
+loads with ``torch.load(weights_only=True)`` and a file that smuggles in any other pickled
+object (a class, an ``os.system`` reduce) is refused instead of executed. Its keys are:
+
+====================  ==========================================================================
+``format``            ``"llmforge.checkpoint"`` and ``format_version`` (int)
+``model_state``       the model's ``state_dict()``
+``optimizer_state``   the optimizer's ``state_dict()``
+``scheduler_state``   the LR scheduler's ``state_dict()`` or ``None``
+``step``              optimizer steps completed
+``data_state``        the data loader's position (whatever it needs to continue where it stopped)
+``rng_state``         :func:`capture_rng_state` (python, numpy, torch CPU and every CUDA device)
+``config``            ``{"model": GPTConfig dict, "train": train config dict}``
+``lineage``           ``{"dataset_fingerprint", "tokenizer_fingerprint", "mlflow_run_id",
+                      "base_checkpoint"}``
+``tokenizer``         the SentencePiece model file as a uint8 tensor (or ``None``), so a
+                      checkpoint alone can generate text
+``val_loss``          validation loss at this step, if measured
+``extra``             any further plain data the caller wants kept
+====================  ==========================================================================
+
+Writes are atomic (temp file in the same directory, fsync, rename; see
+:func:`pipeline.fsutil.atomic_path`): a crash mid-save leaves the previous file intact.
+:class:`CheckpointManager` keeps the last K ``ckpt-<step>.pt`` files plus ``best.pt`` and a
+``latest.json`` pointer in a run's checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, read_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "llmforge.checkpoint"
+FORMAT_VERSION = 1
+_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is missing, truncated, unsafe or not one of ours."""
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every global RNG a training step draws from, as tensors and plain types."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": int(py_version), "state": [int(x) for x in py_state],
+                   "gauss_next": None if py_gauss is None else float(py_gauss)},
+        "numpy": {"kind": str(np_kind), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": [],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`capture_rng_state` captured (CUDA: as many devices as both have)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    npst = state["numpy"]
+    keys = np.asarray(npst["keys"].numpy() if torch.is_tensor(npst["keys"]) else npst["keys"], dtype=np.uint32)
+    np.random.set_state((npst["kind"], keys, npst["pos"], npst["has_gauss"], npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if len(cuda) != n:
+            log.warning("checkpoint has CUDA RNG states for %d devices, this machine has %d; restoring %d",
+                        len(cuda), n, min(n, len(cuda)))
+        for i, s in enumerate(cuda[:n]):
+            torch.cuda.set_rng_state(s.cpu(), device=i)
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse, before writing anything, what ``weights_only`` loading would refuse later."""
+    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise CheckpointError(f"{where}: dict key {k!r} of type {type(k).__name__} cannot be saved")
+            _check_plain(v, f"{where}.{k}")
+        return
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise CheckpointError(
+        f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot go in a checkpoint; "
+        "checkpoints hold only tensors and plain containers (dict, list, tuple, str, int, float, bool, None)")
+
+
+def tokenizer_tensor(tokenizer: bytes | str | os.PathLike | torch.Tensor | None) -> torch.Tensor | None:
+    """The SentencePiece model as a uint8 tensor, from its bytes, its file path, or a tensor."""
+    if tokenizer is None or isinstance(tokenizer, torch.Tensor):
+        return tokenizer
+    if isinstance(tokenizer, (str, os.PathLike)):
+        p = Path(tokenizer)
+        if not p.is_file():
+            raise CheckpointError(f"tokenizer model file not found: {p}")
+        tokenizer = p.read_bytes()
+    return torch.frombuffer(bytearray(tokenizer), dtype=torch.uint8).clone()
+
+
+def save_checkpoint(path: str | os.PathLike, *, model_state: dict, optimizer_state: dict | None,
+                    scheduler_state: dict | None, step: int, data_state: dict, rng_state: dict,
+                    config: dict, lineage: dict, extra: dict | None = None,
+                    tokenizer: bytes | str | os.PathLike | torch.Tensor | None = None,
+                    val_loss: float | None = None) -> Path:
+    """Write one checkpoint atomically; see the module docstring for its keys."""
+    path = Path(path)
+    ckpt = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_state": model_state,
+        "optimizer_state": optimizer_state,
+        "scheduler_state": scheduler_state,
+        "step": int(step),
+        "data_state": data_state,
+        "rng_state": rng_state,
+        "config": config,
+        "lineage": lineage,
+        "tokenizer": tokenizer_tensor(tokenizer),
+        "val_loss": None if val_loss is None else float(val_loss),
+        "extra": extra or {},
+    }
+    _check_plain(ckpt, str(path))
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; :class:`CheckpointError` says what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: checkpoint file is empty (a save that never finished?)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL\s+([\w.]+)", str(e))
+        culprit = m.group(1) if m else "an object that is not a tensor or plain container"
+        raise CheckpointError(
+            f"{path}: refused to load: it contains a pickled {culprit}, which is not a tensor or plain "
+            "container. Checkpoints are loaded with weights_only=True so that opening one can never run "
+            "code; re-save it from its state_dicts, or load it yourself only if you trust its source.") from e
+    except PermissionError as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {e}") from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or not a torch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'unexpected end of file'})") from e
+    if not isinstance(ckpt, dict) or "model_state" not in ckpt:
+        keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not an llmforge checkpoint (no 'model_state'; found {keys})")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt['format_version']} is newer than "
+                              f"this code understands ({FORMAT_VERSION}); upgrade llmforge")
+    return ckpt
+
+
+def tokenizer_from_checkpoint(ckpt: dict[str, Any]):
+    """The SentencePieceProcessor embedded in a loaded checkpoint."""
+    import sentencepiece as spm
+
+    t = ckpt.get("tokenizer")
+    if t is None:
+        raise CheckpointError("checkpoint carries no tokenizer (it was saved without tokenizer=...)")
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(t.cpu().numpy().tobytes())
+    return sp
+
+
+# ---------------------------------------------------------------------------------------------
+# a run's checkpoint directory
+
+
+class CheckpointManager:
+    """``out_dir/ckpt-<step:08d>.pt`` (the last ``keep_last``), ``best.pt`` (lowest val loss) and
+    ``latest.json`` (names the newest and the best). Pass ``tokenizer`` (bytes or the ``.model``
+    path) once here and every checkpoint embeds it."""
+
+    def __init__(self, out_dir: str | os.PathLike, keep_last: int = 3,
+                 tokenizer: bytes | str | os.PathLike | torch.Tensor | None = None) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.keep_last = keep_last
+        self.tokenizer = tokenizer_tensor(tokenizer)
+        removed = clean_temp(self.out_dir)
+        if removed:
+            log.info("removed %d unfinished checkpoint temp file(s) in %s", removed, self.out_dir)
+        self._index = self._read_index()
+
+    @property
+    def index_path(self) -> Path:
+        return self.out_dir / "latest.json"
+
+    def _read_index(self) -> dict[str, Any]:
+        try:
+            return read_json(self.index_path)
+        except FileNotFoundError:
+            pass
+        except ValueError:
+            log.warning("%s is not valid JSON; rebuilding it from the checkpoint files", self.index_path)
+        best = self.out_dir / "best.pt"
+        if best.is_file():  # index lost (killed between writes): recover the best val loss
+            try:
+                ck = load_checkpoint(best)
+                if ck.get("val_loss") is not None:
+                    return {"best": {"file": "best.pt", "step": ck["step"], "val_loss": ck["val_loss"]}}
+            except CheckpointError as e:
+                log.warning("ignoring unreadable %s: %s", best, e)
+        return {}
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete ``ckpt-*.pt``, oldest first."""
+        found = []
+        for p in self.out_dir.iterdir():
+            m = _CKPT_RE.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def save(self, step: int, *, model_state: dict, optimizer_state: dict | None,
+             scheduler_state: dict | None, data_state: dict, rng_state: dict, config: dict,
+             lineage: dict, extra: dict | None = None, val_loss: float | None = None) -> Path:
+        path = self.out_dir / f"ckpt-{step:08d}.pt"
+        save_checkpoint(path, model_state=model_state, optimizer_state=optimizer_state,
+                        scheduler_state=scheduler_state, step=step, data_state=data_state,
+                        rng_state=rng_state, config=config, lineage=lineage, extra=extra,
+                        tokenizer=self.tokenizer, val_loss=val_loss)
+        best = self._index.get("best")
+        if val_loss is not None and (best is None or val_loss < best["val_loss"]):
+            with atomic_path(self.out_dir / "best.pt") as tmp:
+                tmp.unlink()
+                try:
+                    os.link(path, tmp)  # same bytes, no copy; survives pruning of ``path``
+                except OSError:
+                    import shutil
+                    shutil.copyfile(path, tmp)
+            best = {"file": "best.pt", "step": int(step), "val_loss": float(val_loss)}
+        self._index = {"latest": path.name, "step": int(step), "best": best}
+        atomic_write_json(self.index_path, self._index)
+        for _, old in self.checkpoints()[:-self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    @property
+    def best_val_loss(self) -> float | None:
+        """Lowest validation loss saved so far (survives restarts through latest.json / best.pt)."""
+        best = self._index.get("best")
+        return None if best is None else float(best["val_loss"])
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (by step), or None in an empty directory."""
+        ckpts = self.checkpoints()
+        return ckpts[-1][1] if ckpts else None
+
+    def best(self) -> Path | None:
+        p = self.out_dir / "best.pt"
+        return p if p.is_file() else None
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """Load the newest checkpoint that loads; an unreadable newest one is skipped with a
+        warning (never deleted) so a damaged file does not cost the run its earlier progress."""
+        for _, p in reversed(self.checkpoints()):
+            try:
+                return load_checkpoint(p, map_location)
+            except CheckpointError as e:
+                log.warning("skipping unreadable checkpoint: %s", e)
+        return None

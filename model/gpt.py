@@ -1,0 +1,343 @@
+"""The GPT: a decoder-only transformer in one file you can hold in your head.
+
+Token embedding -> N pre-norm blocks (RMSNorm, causal self-attention with rotary positions
+through ``scaled_dot_product_attention``, RMSNorm, GELU MLP) -> final RMSNorm -> LM head tied
+to the embedding. Shaped after karpathy/nanoGPT ``model.py``; rotary positions and RMSNorm
+instead of learned positions and LayerNorm, and a :class:`KVCache` for fast generation.
+
+Presets live in ``configs/model/<name>.yaml`` and hold model fields only; ``vocab_size`` comes
+from the tokenizer / shard manifest at build time (``load_preset("tiny", vocab_size=8000)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 32000
+    block_size: int = 1024  # longest sequence the model sees (rotary tables are this long)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear layers (GPT-2 had them; they buy nothing)
+    tie_embeddings: bool = True  # lm_head.weight is the token embedding matrix
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"head size {self.n_embd // self.n_head} must be even for rotary embeddings")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown model config key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+def load_preset(name_or_path: str, **overrides: Any) -> GPTConfig:
+    """Build a GPTConfig from ``configs/model/<name>.yaml`` (or any YAML path) plus overrides."""
+    import yaml
+
+    p = Path(name_or_path)
+    if not (p.suffix in (".yaml", ".yml") or p.is_file()):
+        p = PRESET_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        available = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"model preset {name_or_path!r} not found at {p}; available presets: {available}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping of model fields, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return GPTConfig.from_dict(data, source=str(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, ``[B, H, max_len, D]`` each, plus a position.
+
+    ``GPT.forward(idx, kv_cache=cache)`` writes the new keys/values of layer ``i`` at
+    ``[pos, pos + T)`` and, after the last layer, advances ``pos`` by ``T``.
+    """
+
+    def __init__(self, batch_size: int, n_layer: int, n_head: int, max_len: int, head_dim: int,
+                 *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` (``[B, H, T, D]``) at ``pos`` and return all keys/values so far."""
+        t = k.size(2)
+        end = self.pos + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: position {end} > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+
+
+def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[length, head_dim/2]`` for rotary position embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1[i], x2[i]) of the two halves of the head dim by position-dependent angles."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            pos = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float32 cache under bf16 autocast
+            if T == 1:  # one new token sees every cached position
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            elif pos == 0:  # prefill of an empty cache: the plain causal case
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            else:  # chunk after a prefix: query i (absolute pos+i) sees keys j <= pos+i
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        hidden = int(config.mlp_ratio * config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cos, sin, kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.RMSNorm(config.n_embd, eps=config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # recomputed, never checkpointed
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count. ``non_embedding`` leaves out the embedding *lookup* table; when it is
+        tied to the LM head it still counts (its matmul is real compute), as nanoGPT counts."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() de-duplicates tied weights
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT's
+        ``estimate_mfu``: 6N for the matmuls plus 12*L*H*Q*T for attention over a full block."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+
+    def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty cache sized for this model (``max_len`` defaults to ``block_size``)."""
+        p = self.lm_head.weight
+        return KVCache(batch_size, self.config.n_layer, self.config.n_head, max_len or self.config.block_size,
+                       self.config.head_dim, device=p.device, dtype=p.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and (with ``targets``) the mean cross-entropy, ignoring target ``-100``.
+
+        - with targets: logits ``[B, T, V]`` and the loss (computed in float32);
+        - no targets, no cache: logits of the last position only, ``[B, 1, V]``;
+        - with ``kv_cache``: logits ``[B, T, V]`` for the tokens fed, which sit at positions
+          ``kv_cache.pos ...``; their keys/values are appended and ``pos`` advances by ``T``.
+        """
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        cos = self.rope_cos[start:start + T]
+        sin = self.rope_sin[start:start + T]
+        x = self.transformer.drop(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
+            return logits, loss
+        if kv_cache is not None:
+            return self.lm_head(x), None
+        return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
+
+    def configure_optimizers(self, weight_decay: float, lr: float, betas: tuple[float, float],
+                             device_type: str, muon: bool = False) -> torch.optim.Optimizer:
+        """AdamW with weight decay on >=2-D weights only (matrices and embeddings, not norms or
+        biases); fused on CUDA.
+
+        With ``muon=True`` the 2-D matrices inside the blocks go to ``torch.optim.Muon`` (with
+        ``adjust_lr_fn="match_rms_adamw"`` so the same ``lr`` and decay apply) and everything else
+        (embedding/head, norms, biases) to AdamW. Either way ONE optimizer object comes back
+        (:class:`MuonWithAdamW` in the Muon case) whose ``param_groups``, ``step``, ``zero_grad``
+        and ``state_dict`` behave like any torch optimizer, so LR schedulers work unchanged.
+        """
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        fused = device_type == "cuda"
+        if not muon:
+            decay = [p for p in params.values() if p.dim() >= 2]
+            no_decay = [p for p in params.values() if p.dim() < 2]
+            groups = [{"params": decay, "weight_decay": weight_decay},
+                      {"params": no_decay, "weight_decay": 0.0}]
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        if not hasattr(torch.optim, "Muon"):
+            raise RuntimeError(f"muon=True needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
+        matrices = [p for n, p in params.items() if p.dim() == 2 and n.startswith("transformer.h.")]
+        matrix_ids = {id(p) for p in matrices}
+        rest = [p for p in params.values() if id(p) not in matrix_ids]
+        adamw = torch.optim.AdamW(
+            [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+             {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+            lr=lr, betas=betas, fused=fused)
+        muon_opt = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        return MuonWithAdamW(muon_opt, adamw)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for hidden matrices + AdamW for the rest, presented as one optimizer.
+
+    ``param_groups`` are the two inner optimizers' own group dicts (Muon's first), so setting
+    ``group["lr"]`` (by hand or by an ``LRScheduler``) reaches the optimizer that uses it.
+    ``state_dict()`` is ``{"muon": ..., "adamw": ...}``.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+        super().__init__([p for g in muon.param_groups + adamw.param_groups for p in g["params"]], {})
+        self.param_groups = muon.param_groups + adamw.param_groups
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
