@@ -392,7 +392,7 @@ def _attempt(session: requests.Session, src: SourceSpec, part: _PartFile, bar: t
 
 def select_files(path: Path, include: list[str], exclude: list[str]) -> list[tuple[str, int, int]]:
     """``(relative path, size, mtime_ns)`` of the files a directory source selects, sorted;
-    subtrees that an exclude pattern covers are not walked, symlinks are not followed."""
+    subtrees that an exclude pattern covers are not walked, nor symlinked directories."""
     out = []
     for root, dirs, files in os.walk(path):
         rel_root = Path(root).relative_to(path).as_posix()
@@ -406,7 +406,7 @@ def select_files(path: Path, include: list[str], exclude: list[str]) -> list[tup
                 continue
             full = Path(root) / fn
             with contextlib.suppress(FileNotFoundError):
-                if full.is_symlink() or not full.is_file():
+                if not full.is_file():  # symlinked files are read; symlinked dirs are not walked
                     continue
                 st = full.stat()
                 out.append((rel, st.st_size, st.st_mtime_ns))

@@ -26,10 +26,8 @@ SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory) -> Iterator["PrefectServer"]:
     """A real Prefect server (SQLite, 127.0.0.1, free port, private PREFECT_HOME) for the session."""
-    try:
-        from support.services import PrefectServer
-    except ImportError:
-        from tests.support.services import PrefectServer
+    from flows.services import PrefectServer
+
     server = PrefectServer(tmp_path_factory.mktemp("prefect-home")).start()
     try:
         yield server

@@ -1,0 +1,131 @@
+"""Corpus specs: YAML under ``configs/corpus/`` validated into a typed :class:`CorpusSpec`.
+
+A spec names its sources (http(s)/file URLs or local paths, with optional size/sha256), their
+format, and the config of every data stage. ``load_corpus("quickstart")`` reads
+``configs/corpus/quickstart.yaml``; any path to a YAML file works too. Strings may use
+``${python_stdlib}`` (the running interpreter's standard library directory), ``${repo}``
+(this checkout) and ``${ENV_VAR}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.clean import CleanConfig
+from pipeline.download import SourceSpec
+from pipeline.tokenize import TokenizeConfig
+from pipeline.tokenizer import TokenizerConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class SplitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    val_fraction: float = Field(0.005, ge=0, lt=1, description="share of documents in the val split")
+    part_bytes: int = Field(64_000_000, gt=0, description="text bytes per cleaned part (= per shard)")
+
+
+class CorpusSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    sources: list[SourceSpec] = Field(min_length=1)
+    format: str | None = Field(None, description="reader format for sources that don't set one (default: detect)")
+    text_key: str = Field("text", description="JSON key / parquet column holding the text")
+    max_documents: int | None = Field(None, gt=0, description="stop after this many input documents (for quick runs)")
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    notes: dict[str, Any] = Field(default_factory=dict, description="free-form facts (sizes, licences, mirrors)")
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _substitute(obj: Any, where: str) -> Any:
+    builtins = {"python_stdlib": sysconfig.get_paths()["stdlib"], "repo": str(REPO_ROOT)}
+
+    def repl(m: re.Match) -> str:
+        name = m.group(1)
+        if name in builtins:
+            return builtins[name]
+        if name in os.environ:
+            return os.environ[name]
+        raise ValueError(f"{where}: unknown variable ${{{name}}} (set it in the environment)")
+
+    if isinstance(obj, str):
+        return _VAR.sub(repl, obj)
+    if isinstance(obj, list):
+        return [_substitute(x, where) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _substitute(v, where) for k, v in obj.items()}
+    return obj
+
+
+def corpus_names() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "corpus").glob("*.yaml"))
+
+
+def resolve_corpus_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: corpus spec not found")
+        return p
+    p = CONFIG_DIR / "corpus" / f"{name_or_path}.yaml"
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"unknown corpus {name_or_path!r}: not a file and not one of {', '.join(corpus_names())}"
+        )
+    return p
+
+
+def load_corpus(name_or_path: str | None = None, *, sources: list[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> CorpusSpec:
+    """Load a spec by name or path; ``sources`` (``--source``) adds/replaces its sources.
+
+    With no spec but ``sources``, a spec named ``custom`` with default settings is built.
+    ``overrides`` is a nested dict merged over the YAML (e.g. ``{"tokenizer": {"vocab_size": 8000}}``).
+    """
+    if name_or_path is None and not sources:
+        raise ValueError("give a corpus name/YAML or at least one --source")
+    if name_or_path is not None:
+        path = resolve_corpus_path(name_or_path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a corpus spec must be a mapping, got {type(raw).__name__}")
+        where = str(path)
+    else:
+        raw, where = {"name": "custom"}, "--source"
+    if sources:
+        raw["sources"] = [{"url": s} for s in sources]
+    raw = _deep_merge(raw, overrides or {})
+    raw = _substitute(raw, where)
+    try:
+        return CorpusSpec.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError(f"{where}: invalid corpus spec:\n{e}") from None
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

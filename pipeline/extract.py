@@ -1,0 +1,287 @@
+"""extract + clean stage: downloaded files -> cleaned, deduplicated, split parquet parts.
+
+Two passes, datatrove-style, each with committed units so a kill loses one unit at most:
+
+1. :func:`clean_unit` (parallel, one task per unit = one input file or a group of small files):
+   stream documents out of the file (``pipeline.readers``), decode/normalise/filter them
+   (``pipeline.clean``), and write the survivors to ``units/<unit>.parquet`` with a 128-bit
+   content hash, plus ``units/<unit>.json`` holding the counted outcome (written last: the unit
+   is done iff it exists).
+2. :func:`finalize` (sequential, cheap): exact deduplication over the whole corpus (first
+   occurrence in unit order wins, using the hashes only), a deterministic train/val split by
+   a second hash of the text, and repacking of the kept documents into ``train/part-NNNNN.parquet``
+   and ``val/part-NNNNN.parquet`` of about ``part_bytes`` each (zstd-compressed; columns ``id``,
+   ``text``). Its ``manifest.json`` is written last and marks the stage complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.clean import CleanConfig, clean_document
+from pipeline.config import CorpusSpec, SplitConfig
+from pipeline.download import select_files
+from pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, fingerprint, read_json, FORMAT_VERSION
+from pipeline.readers import ReadStats, iter_documents
+
+log = logging.getLogger(__name__)
+
+UNIT_BYTES = 8_000_000  # small files of a directory source are grouped into units of at least this size
+UNIT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("h", pa.uint64()), ("s", pa.uint64())])
+PART_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
+ROW_GROUP_BYTES = 16_000_000
+
+
+class NoUsableDocuments(RuntimeError):
+    pass
+
+
+def plan_units(downloads: list[dict], spec: CorpusSpec) -> list[dict]:
+    """Split the downloaded sources into units of work, in a fixed order.
+
+    ``downloads`` are the download stage's entries (``path``, ``url``, ...), aligned with
+    ``spec.sources``. Each unit records what identifies its input (size + mtime or sha256), so
+    the stage fingerprint changes when an input changes.
+    """
+    units: list[dict] = []
+    for si, (src, dl) in enumerate(zip(spec.sources, downloads)):
+        path = Path(dl["path"])
+        fmt = src.format or spec.format
+        label = src.name or path.name
+        text_key = src.text_key or spec.text_key
+        extra = {"text_key": text_key, "separator": getattr(src, "separator", None)}
+        if path.is_dir():
+            files = select_files(path, src.include, src.exclude)
+            group: list = []
+            size = 0
+            for f in files:
+                group.append(f)
+                size += f[1]
+                if size >= UNIT_BYTES:
+                    units.append({"root": str(path), "files": group, "format": None, "label": label, **extra})
+                    group, size = [], 0
+            if group:
+                units.append({"root": str(path), "files": group, "format": None, "label": label, **extra})
+        else:
+            st = path.stat()
+            ident = dl.get("sha256") or st.st_mtime_ns
+            units.append({"root": str(path.parent), "files": [(path.name, st.st_size, ident)],
+                          "format": None if fmt == "dir" else fmt, "label": label, **extra})
+    for i, u in enumerate(units):
+        u["name"] = f"unit-{i:05d}"
+        u["bytes"] = sum(f[1] for f in u["files"])
+    return units
+
+
+def stage_fingerprint(units: list[dict], spec: CorpusSpec) -> str:
+    ident = [(u["label"], u["format"], u["text_key"], u.get("separator"), u["files"]) for u in units]
+    return fingerprint("clean", FORMAT_VERSION, spec.clean.model_dump(), spec.split.model_dump(), ident)
+
+
+def _hashes(text: str) -> tuple[int, int]:
+    d = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+
+
+def _unit_documents(unit: dict, stats: ReadStats) -> Iterator:
+    root = Path(unit["root"])
+    for rel, _size, _ident in unit["files"]:
+        path = root / rel
+        label = f"{unit['label']}/{rel}" if len(unit["files"]) > 1 or rel != unit["label"] else unit["label"]
+        yield from iter_documents(path, unit["format"], text_key=unit["text_key"], label=label, stats=stats,
+                                  **({"separator": unit["separator"]} if unit.get("separator") else {}))
+
+
+def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict:
+    """Pass 1 for one unit; returns its stats (and skips the work if the unit is already done)."""
+    out_dir = Path(out_dir) / "units"
+    stats_path = out_dir / f"{unit['name']}.json"
+    if stats_path.is_file():
+        return {**read_json(stats_path), "skipped": True}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    counts: Counter = Counter()
+    rstats = ReadStats()
+    rows: dict[str, list] = {"id": [], "text": [], "h": [], "s": []}
+    buffered = 0
+    bytes_out = 0
+    docs_out = 0
+    with atomic_path(out_dir / f"{unit['name']}.parquet") as tmp:
+        with pq.ParquetWriter(tmp, UNIT_SCHEMA, compression="zstd") as writer:
+            def flush() -> None:
+                nonlocal buffered
+                if rows["id"]:
+                    writer.write_table(pa.table(rows, schema=UNIT_SCHEMA))
+                    for v in rows.values():
+                        v.clear()
+                buffered = 0
+
+            for doc in _unit_documents(unit, rstats):
+                counts["docs_in"] += 1
+                text = clean_document(doc.data, cfg, counts)
+                if text is None:
+                    continue
+                h, s = _hashes(text)
+                rows["id"].append(doc.id)
+                rows["text"].append(text)
+                rows["h"].append(h)
+                rows["s"].append(s)
+                n = len(text)
+                buffered += n
+                bytes_out += len(text.encode("utf-8", "surrogatepass")) if not text.isascii() else n
+                docs_out += 1
+                if buffered >= ROW_GROUP_BYTES:
+                    flush()
+            flush()
+    result = {
+        "unit": unit["name"],
+        "bytes_in": unit["bytes"],
+        "docs_out": docs_out,
+        "bytes_out": bytes_out,
+        "counts": dict(counts),
+        "read_errors": dict(rstats.counts),
+        "errors": list(rstats.errors)[:100],
+        "seconds": round(time.time() - t0, 3),
+    }
+    atomic_write_json(stats_path, result)
+    return result
+
+
+class _PartWriter:
+    """Writes rolling ``part-NNNNN.parquet`` files of about ``part_bytes`` text each."""
+
+    def __init__(self, directory: Path, part_bytes: int):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.part_bytes = part_bytes
+        self.parts: list[dict] = []
+        self.ids: list[str] = []
+        self.texts: list[str] = []
+        self.size = 0
+
+    def add(self, doc_id: str, text: str) -> None:
+        self.ids.append(doc_id)
+        self.texts.append(text)
+        self.size += len(text.encode("utf-8", "surrogatepass"))
+        if self.size >= self.part_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.ids:
+            return
+        name = f"part-{len(self.parts):05d}.parquet"
+        table = pa.table({"id": self.ids, "text": self.texts}, schema=PART_SCHEMA)
+        with atomic_path(self.dir / name) as tmp:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, min(len(self.ids), 4096)))
+        self.parts.append({"file": name, "documents": len(self.ids), "text_bytes": self.size})
+        self.ids, self.texts, self.size = [], [], 0
+
+    def summary(self) -> dict:
+        return {
+            "parts": self.parts,
+            "documents": sum(p["documents"] for p in self.parts),
+            "text_bytes": sum(p["text_bytes"] for p in self.parts),
+        }
+
+
+def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, *, fp: str,
+             config: dict | None = None) -> dict:
+    """Pass 2: dedup, split, repack; write the stage manifest. Idempotent."""
+    out_dir = Path(out_dir)
+    t0 = time.time()
+    unit_dir = out_dir / "units"
+    stats = [read_json(unit_dir / f"{u['name']}.json") for u in units]
+    counts: Counter = Counter()
+    read_errors: Counter = Counter()
+    errors: list[str] = []
+    for st in stats:
+        counts.update(st["counts"])
+        read_errors.update(st["read_errors"])
+        errors.extend(st["errors"])
+    paths = [unit_dir / f"{u['name']}.parquet" for u in units]
+    hashes = [pq.read_table(p, columns=["h"]).column("h").to_numpy() for p in paths]
+    all_h = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+    keep = np.zeros(len(all_h), dtype=bool)
+    if len(all_h):
+        _, first = np.unique(all_h, return_index=True)
+        keep[first] = True
+    dups = int(len(all_h) - keep.sum())
+    if len(all_h) == 0 or keep.sum() == 0:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted((counts + read_errors).items()) if k.startswith(("read_error.", "dropped.", "decode.")))
+        raise NoUsableDocuments(
+            f"extract+clean: no usable document remains out of {counts.get('docs_in', 0)} read "
+            f"({reasons or 'no documents found in the sources'})"
+        )
+    threshold = np.uint64(int(split.val_fraction * 2**64) if split.val_fraction < 1 else 2**64 - 1)
+    writers = {"train": _PartWriter(out_dir / "train", split.part_bytes),
+               "val": _PartWriter(out_dir / "val", split.part_bytes)}
+    for d in ("train", "val"):
+        clean_temp(out_dir / d)
+    offset = 0
+    for p in paths:
+        pf = pq.ParquetFile(p)
+        for rg in range(pf.num_row_groups):
+            t = pf.read_row_group(rg, columns=["id", "text", "s"])
+            n = t.num_rows
+            k = keep[offset : offset + n]
+            offset += n
+            s = t.column("s").to_numpy()
+            for i, doc_id, text in zip(range(n), t.column("id").to_pylist(), t.column("text").to_pylist()):
+                if k[i]:
+                    writers["val" if s[i] < threshold else "train"].add(doc_id, text)
+    for w in writers.values():
+        w.flush()
+    # a previous (killed) attempt can't leave extra parts: part names are deterministic, but be sure
+    for split_name, w in writers.items():
+        names = {p["file"] for p in w.parts}
+        for extra in (out_dir / split_name).glob("part-*.parquet"):
+            if extra.name not in names:
+                extra.unlink()
+    counts["dropped.duplicate"] = dups
+    manifest = {
+        "fingerprint": fp,
+        "format_version": FORMAT_VERSION,
+        "splits": {k: w.summary() for k, w in writers.items()},
+        "stats": {
+            "units": len(units),
+            "bytes_in": sum(u["bytes"] for u in units),
+            "docs_in": int(counts.get("docs_in", 0)),
+            "docs_kept": int(keep.sum()),
+            "counts": dict(sorted(counts.items())),
+            "read": {k: v for k, v in sorted(read_errors.items()) if not k.startswith("read_error.")},
+            "read_errors": {k: v for k, v in sorted(read_errors.items()) if k.startswith("read_error.")},
+            "clean_seconds": round(sum(st["seconds"] for st in stats), 3),
+            "finalize_seconds": round(time.time() - t0, 3),
+        },
+        "errors": errors[:200],
+        "config": config or {},
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def load_manifest(clean_dir: str | os.PathLike) -> dict | None:
+    p = Path(clean_dir) / "manifest.json"
+    return read_json(p) if p.is_file() else None
+
+
+def part_paths(clean_dir: str | os.PathLike, manifest: dict, split: str) -> list[Path]:
+    return [Path(clean_dir) / split / p["file"] for p in manifest["splits"][split]["parts"]]
+
+
+def iter_texts(clean_dir: str | os.PathLike, manifest: dict, split: str = "train") -> Iterator[str]:
+    """The cleaned texts of a split, in their stored order."""
+    for p in part_paths(clean_dir, manifest, split):
+        pf = pq.ParquetFile(p)
+        for rg in range(pf.num_row_groups):
+            yield from pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()

@@ -1,0 +1,146 @@
+"""tokenize stage: cleaned parquet parts -> memory-mappable Arrow token shards.
+
+One unit of work = one cleaned part -> one shard (``train/part-00003.parquet`` ->
+``train/shard-00003.arrow``), so shards are independent tasks that a Prefect task runner (or a
+Dask cluster) can run anywhere, and a killed stage redoes only the shard in flight. Within a
+shard, documents are cut at line ends into pieces of at most ``piece_chars`` and encoded in
+batches on all cores by SentencePiece's native thread pool (cutting after a newline gives the
+same ids as encoding the whole document, because ``\\n`` is a user-defined symbol no merge
+crosses). A finished shard has a ``.json`` sidecar holding its manifest entry; it is written
+after the shard, so the sidecar's existence means the shard is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from itertools import chain
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.fsutil import atomic_write_json, read_json
+from pipeline.shards import split_summary, token_dtype, write_manifest, write_shard
+from pipeline.tokenizer import Tokenizer, _chunks
+
+log = logging.getLogger(__name__)
+
+
+class TokenizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_bytes: int = Field(4_000_000, gt=0, description="text bytes handed to the encoder at once")
+    piece_chars: int = Field(16384, ge=256, description="long documents are cut into pieces this long")
+    threads: int | None = Field(None, description="encoder threads per shard (default: all cores)")
+
+
+def shard_name(part: Path) -> str:
+    return part.name.replace("part-", "shard-").replace(".parquet", ".arrow")
+
+
+def _batches(part: Path, batch_bytes: int) -> Iterator[tuple[list[str], list[str]]]:
+    pf = pq.ParquetFile(part)
+    ids: list[str] = []
+    texts: list[str] = []
+    size = 0
+    for rg in range(pf.num_row_groups):
+        t = pf.read_row_group(rg, columns=["id", "text"])
+        for i, text in zip(t.column("id").to_pylist(), t.column("text").to_pylist()):
+            ids.append(i)
+            texts.append(text)
+            size += len(text)
+            if size >= batch_bytes:
+                yield ids, texts
+                ids, texts, size = [], [], 0
+    if ids:
+        yield ids, texts
+
+
+def tokenize_part(part: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_path: str | os.PathLike,
+                  cfg: TokenizeConfig | None = None) -> dict:
+    """Encode one cleaned part into ``out_dir/<shard>.arrow``; skip if already complete."""
+    cfg = cfg or TokenizeConfig()
+    part, out_dir = Path(part), Path(out_dir)
+    out = out_dir / shard_name(part)
+    sidecar = out.with_suffix(".json")
+    if sidecar.is_file() and out.is_file():
+        entry = read_json(sidecar)
+        if entry.get("size") == out.stat().st_size:
+            return {**entry, "skipped": True}
+    t0 = time.time()
+    tok = Tokenizer.load(tokenizer_path)
+    dtype = token_dtype(tok.vocab_size)
+    all_ids: list[str] = []
+    n_bytes: list[int] = []
+    lengths: list[int] = []
+    arrays: list[np.ndarray] = []
+    for ids, texts in _batches(part, cfg.batch_bytes):
+        pieces: list[str] = []
+        counts: list[int] = []
+        for text in texts:
+            chunks = list(_chunks(text, cfg.piece_chars)) if len(text) > cfg.piece_chars else [text]
+            pieces.extend(chunks)
+            counts.append(len(chunks))
+        encoded = tok.encode_batch(pieces, cfg.threads)
+        pos = 0
+        flat: list[list[int]] = []
+        eos = [tok.eos_id]
+        for text, c in zip(texts, counts):
+            doc = encoded[pos : pos + c]
+            pos += c
+            lengths.append(sum(map(len, doc)) + 1)
+            flat.extend(doc)
+            flat.append(eos)
+            n_bytes.append(len(text.encode("utf-8")))
+        total = sum(map(len, flat))
+        arrays.append(np.fromiter(chain.from_iterable(flat), dtype=dtype, count=total))
+        all_ids.extend(ids)
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+    entry = write_shard(out, all_ids, n_bytes, tokens, lengths, eos_id=tok.eos_id)
+    entry["seconds"] = round(time.time() - t0, 3)
+    atomic_write_json(sidecar, entry)
+    log.info("%s: %d docs, %d tokens in %.1fs", out.name, entry["documents"], entry["tokens"], entry["seconds"])
+    return entry
+
+
+def finalize(out_dir: str | os.PathLike, entries: dict[str, list[dict]], *, fingerprint: str,
+             tokenizer: dict, clean_manifest: dict, config: dict) -> dict:
+    """Write the dataset manifest once every shard is done (this marks the stage complete)."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    tok_src = Path(tokenizer["path"])
+    tok_dst = out_dir / "tokenizer.model"
+    if not tok_dst.is_file():
+        from pipeline.fsutil import atomic_path
+
+        with atomic_path(tok_dst) as tmp:
+            shutil.copyfile(tok_src, tmp)
+    clean = {k: v for k, v in entries.items()}
+    splits = {}
+    for split, es in clean.items():
+        es = sorted(({k: v for k, v in e.items() if k not in ("skipped", "seconds")} for e in es),
+                    key=lambda e: e["file"])
+        splits[split] = split_summary(es)
+    vocab = int(tokenizer["vocab_size"])
+    manifest = {
+        "fingerprint": fingerprint,
+        "tokenizer": {
+            "file": "tokenizer.model",
+            "fingerprint": tokenizer["fingerprint"],
+            "vocab_size": vocab,
+            "eos_id": int(tokenizer["eos_id"]),
+        },
+        "token_dtype": np.dtype(token_dtype(vocab)).name,
+        "splits": splits,
+        # counts only (no timings): the manifest of a given dataset is the same bytes on every run
+        "clean": {"fingerprint": clean_manifest["fingerprint"],
+                  "stats": {k: v for k, v in clean_manifest.get("stats", {}).items() if not k.endswith("seconds")}},
+        "config": config,
+    }
+    write_manifest(out_dir, manifest)
+    return manifest
