@@ -1,0 +1,307 @@
+"""Prompt/response data for instruction tuning: the chat template, the JSONL reader and a batcher.
+
+The chat template is plain text that any of our SentencePiece tokenizers (byte fallback,
+lossless) encodes without loss, so no special tokens are added to the base vocabulary::
+
+    ### Instruction:
+    {prompt}
+
+    ### Response:
+    {response}<EOS>
+
+and, for Alpaca-style records with a non-empty ``input``::
+
+    ### Instruction:
+    {instruction}
+
+    ### Input:
+    {input}
+
+    ### Response:
+    {response}<EOS>
+
+The prompt part (everything up to and including ``"### Response:\\n"``) and the response are
+encoded separately and concatenated, so at inference ``encode(format_prompt(...))`` is exactly
+the context the model was trained on. Loss is taken only on the response tokens and the EOS
+that ends them: every other label is ``-100`` (``ignore_index``), as is every padding position.
+
+A JSONL line is ``{"prompt": ..., "response": ...}`` or Alpaca's ``{"instruction": ...,
+"input": ..., "output": ...}``. Lines that are not JSON objects with non-empty string fields
+are counted and named (file:line and why) and skipped; the load fails only when none remain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.data import IGNORE_INDEX, to_device
+
+INSTRUCTION_HEADER = "### Instruction:\n"
+INPUT_HEADER = "### Input:\n"
+RESPONSE_HEADER = "### Response:\n"
+
+
+def format_prompt(prompt: str, input: str = "") -> str:
+    """The chat template up to where the model should start answering."""
+    text = f"{INSTRUCTION_HEADER}{prompt}\n\n"
+    if input:
+        text += f"{INPUT_HEADER}{input}\n\n"
+    return text + RESPONSE_HEADER
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: str
+    response: str
+    input: str = ""
+
+    def prompt_text(self) -> str:
+        return format_prompt(self.prompt, self.input)
+
+    def key(self) -> str:
+        """A stable hash of the example, used for the deterministic train/val split."""
+        return hashlib.sha1(f"{self.prompt}\x00{self.input}\x00{self.response}".encode()).hexdigest()
+
+
+@dataclass
+class BadLine:
+    line: int
+    reason: str
+
+
+def _parse_record(obj: Any) -> SFTExample:
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "prompt" in obj or "response" in obj:
+        prompt, response, inp = obj.get("prompt"), obj.get("response"), ""
+        pk, rk = "prompt", "response"
+    elif "instruction" in obj or "output" in obj:
+        prompt, response, inp = obj.get("instruction"), obj.get("output"), obj.get("input") or ""
+        pk, rk = "instruction", "output"
+    else:
+        raise ValueError(f"no prompt/response (or instruction/output) keys; keys are {sorted(obj)[:6]}")
+    for k, v in ((pk, prompt), (rk, response), ("input", inp)):
+        if not isinstance(v, str):
+            raise ValueError(f"{k!r} must be a string, got {type(v).__name__}")
+    if not prompt.strip():
+        raise ValueError(f"empty {pk!r}")
+    if not response.strip():
+        raise ValueError(f"empty {rk!r}")
+    return SFTExample(prompt=prompt, response=response, input=inp)
+
+
+def load_sft_jsonl(path: str | os.PathLike) -> tuple[list[SFTExample], list[BadLine]]:
+    """Read a prompt/response JSONL. Returns (examples, bad lines); raises when nothing is usable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such SFT file")
+    examples: list[SFTExample] = []
+    bad: list[BadLine] = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        lineno = 0
+        while True:
+            lineno += 1
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e})") from e
+            if not line:
+                break
+            if not line.strip():
+                continue
+            try:
+                examples.append(_parse_record(json.loads(line)))
+            except json.JSONDecodeError as e:
+                bad.append(BadLine(lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
+            except ValueError as e:
+                bad.append(BadLine(lineno, str(e)))
+    if not examples:
+        detail = "; ".join(f"line {b.line}: {b.reason}" for b in bad[:5]) or "the file is empty"
+        raise ValueError(f"{path}: no usable prompt/response records ({len(bad)} bad lines: {detail})")
+    return examples, bad
+
+
+def split_examples(examples: Sequence[SFTExample], val_fraction: float) -> tuple[list[SFTExample], list[SFTExample]]:
+    """Deterministic train/val split by example hash (independent of file order)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    train, val = [], []
+    for ex in examples:
+        (val if int(ex.key()[:8], 16) / 0xFFFFFFFF < val_fraction else train).append(ex)
+    if not train:  # tiny files: never leave training empty
+        train, val = val, []
+    return train, val
+
+
+def encode_example(sp: Any, ex: SFTExample, eos_id: int) -> tuple[list[int], int]:
+    """Token ids of prompt + response + EOS, and how many of them belong to the prompt."""
+    prompt_ids = list(sp.encode(ex.prompt_text()))
+    response_ids = list(sp.encode(ex.response))
+    return prompt_ids + response_ids + [eos_id], len(prompt_ids)
+
+
+def example_arrays(ids: Sequence[int], n_prompt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs ``ids[:-1]`` and targets ``ids[1:]`` with targets inside the prompt set to -100:
+    the model predicts every response token and the final EOS, and nothing of the prompt."""
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    x = ids_arr[:-1]
+    y = ids_arr[1:].copy()
+    y[: max(n_prompt - 1, 0)] = IGNORE_INDEX  # y[i] is token i+1: tokens 1..n_prompt-1 are prompt
+    return x, y
+
+
+@dataclass
+class SFTRows:
+    """Fixed-length training rows: ``x`` and ``y`` are (rows, block_size) int64 arrays."""
+
+    x: np.ndarray
+    y: np.ndarray
+    stats: dict
+
+
+def build_rows(
+    examples: Sequence[SFTExample], sp: Any, block_size: int, eos_id: int, *, pack: bool = False
+) -> SFTRows:
+    """Encode examples into rows of ``block_size`` inputs/targets, padded with label -100.
+
+    An example whose prompt alone fills the block is dropped (counted as ``too_long``); one whose
+    response does not fit is cut at the block end (counted as ``truncated``, it then has no EOS).
+    With ``pack`` whole examples are packed greedily into rows (earlier examples in a row are
+    visible to later ones through causal attention, which costs little and saves padding);
+    without it each row holds one example.
+    """
+    stats = {"examples": len(examples), "too_long": 0, "truncated": 0, "rows": 0, "loss_tokens": 0, "tokens": 0}
+    pieces: list[tuple[np.ndarray, np.ndarray]] = []
+    for ex in examples:
+        ids, n_prompt = encode_example(sp, ex, eos_id)
+        if n_prompt >= block_size:
+            stats["too_long"] += 1
+            continue
+        if len(ids) - 1 > block_size:
+            ids = ids[: block_size + 1]
+            stats["truncated"] += 1
+        pieces.append(example_arrays(ids, n_prompt))
+    if not pieces:
+        raise ValueError(
+            f"all {len(examples)} examples have prompts of {block_size} tokens or more, the model's context "
+            f"(block_size={block_size}); nothing is left to learn from"
+        )
+    rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    used = block_size + 1  # force a new row on the first piece
+    for piece in pieces:
+        if not pack or used + len(piece[0]) > block_size:
+            rows.append([])
+            used = 0
+        rows[-1].append(piece)
+        used += len(piece[0])
+    X = np.full((len(rows), block_size), eos_id, dtype=np.int64)
+    Y = np.full((len(rows), block_size), IGNORE_INDEX, dtype=np.int64)
+    for i, row in enumerate(rows):
+        at = 0
+        for x, y in row:
+            X[i, at : at + len(x)] = x
+            Y[i, at : at + len(y)] = y
+            at += len(x)
+        stats["tokens"] += at
+    stats["rows"] = len(rows)
+    stats["loss_tokens"] = int((Y != IGNORE_INDEX).sum())
+    return SFTRows(X, Y, stats)
+
+
+class SFTBatcher:
+    """Batches of SFT rows for ``model.train.train(..., batcher=...)``.
+
+    ``get_batch(step, micro)`` draws ``batch_size`` distinct rows from a generator seeded by
+    (seed, step, micro, rank), so a batch depends only on its coordinates: resuming at any step
+    reproduces the exact batches, and the state dict only has to pin the data it was built on.
+    """
+
+    def __init__(
+        self,
+        rows: SFTRows,
+        batch_size: int,
+        *,
+        seed: int = 1337,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ):
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self.x, self.y = rows.x, rows.y
+        self.batch_size = batch_size
+        self.block_size = rows.x.shape[1]
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.stats = rows.stats
+        self._digest = hashlib.sha1(rows.x.tobytes() + rows.y.tobytes()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def indices(self, step: int, micro: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step, micro, self.rank])
+        n = len(self.x)
+        return rng.choice(n, size=self.batch_size, replace=self.batch_size > n)
+
+    def get_batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.indices(step, micro)
+        return to_device(self.x[idx], self.device), to_device(self.y[idx], self.device)
+
+    def state_dict(self) -> dict:
+        return {"kind": "sft", "seed": self.seed, "rows": len(self.x), "digest": self._digest}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "sft" or state.get("digest") != self._digest:
+            raise ValueError(
+                f"resuming an SFT run on different data: checkpoint has {state.get('rows')} rows "
+                f"(digest {state.get('digest')}), this file gives {len(self.x)} rows (digest {self._digest})"
+            )
+        self.seed = int(state["seed"])
+
+
+class SFTEvalSource:
+    """Every row once, in order, for validation loss (``eval_batches()``, as the trainer wants);
+    under DDP rank r takes batches r, r + W, ... so the ranks' sums add up to the whole."""
+
+    def __init__(self, rows: SFTRows, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu"):
+        self.x, self.y = rows.x, rows.y
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.device = torch.device(device)
+
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b, i in enumerate(range(0, len(self.x), self.batch_size)):
+            if b % self.world_size == self.rank:
+                sl = slice(i, i + self.batch_size)
+                yield to_device(self.x[sl], self.device), to_device(self.y[sl], self.device)
+
+
+@torch.no_grad()
+def response_loss(model: nn.Module, rows: SFTRows, *, batch_size: int = 8, device: str | torch.device = "cpu") -> float:
+    """Mean cross-entropy (nats) over the response tokens (+ EOS) of all rows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows.x), batch_size):
+        x = torch.from_numpy(rows.x[i : i + batch_size]).to(device)
+        y = torch.from_numpy(rows.y[i : i + batch_size]).to(device)
+        logits, _ = model(x, y)
+        total += F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        count += int((y != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1)
