@@ -166,15 +166,16 @@ def process_flow(spec_dict: dict, downloads: list[dict], dl_secs: float, root: s
     secs = time.time() - t0
     cst = clean_manifest["stats"]
     kept_bytes = sum(s["text_bytes"] for s in clean_manifest["splits"].values())
-    rows.append(("extract+clean", status, f"{cst['docs_in']} docs, {human_bytes(cst['bytes_in'])}",
+    text_in = cst.get("read", {}).get("bytes", cst["bytes_in"])  # decompressed bytes read
+    rows.append(("extract+clean", status, f"{cst['docs_in']} docs, {human_bytes(text_in)}",
                  f"{cst['docs_kept']} docs, {human_bytes(kept_bytes)}", secs,
-                 _rate(cst["bytes_in"], secs) if status == "done" else "-"))
+                 _rate(text_in, secs) if status == "done" else "-"))
     metrics.update({"clean.docs_in": cst["docs_in"], "clean.docs_kept": cst["docs_kept"],
-                    "clean.bytes_in": cst["bytes_in"], "clean.bytes_kept": kept_bytes})
+                    "clean.file_bytes": cst["bytes_in"], "clean.bytes_in": text_in, "clean.bytes_kept": kept_bytes})
     if status == "done":
         metrics["clean.seconds"] = secs
-        metrics["clean.mb_per_s"] = cst["bytes_in"] / max(secs, 1e-9) / 1e6
-    for k, v in {**cst["counts"], **cst["read_errors"]}.items():
+        metrics["clean.mb_per_s"] = text_in / max(secs, 1e-9) / 1e6
+    for k, v in {**cst["counts"], **cst["read_errors"]}.items():  # every drop reason and read error
         metrics[f"clean.{k}"] = v
 
     # 3. train_tokenizer (or reuse one)
@@ -233,7 +234,7 @@ def process_flow(spec_dict: dict, downloads: list[dict], dl_secs: float, root: s
 
     md = _summary_markdown(spec, rows, ds_dir)
     create_markdown_artifact(md, key="prepare-summary", description=f"prepare {spec.name}")
-    logger.info("\n%s", md)
+    logger.debug("\n%s", md)
     _log_mlflow(spec, ds_dir, clean_dir, tok_manifest, metrics, md, parent_run_id)
     return {"dataset": str(ds_dir), "summary": md}
 

@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from pipeline.clean import CleanConfig, clean_document
 from pipeline.config import CorpusSpec, SplitConfig
@@ -126,7 +127,9 @@ def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict
                         v.clear()
                 buffered = 0
 
+            bar = tqdm(unit=" docs", desc=f"clean {unit['name']}", leave=False, disable=None)
             for doc in _unit_documents(unit, rstats):
+                bar.update()
                 counts["docs_in"] += 1
                 text = clean_document(doc.data, cfg, counts)
                 if text is None:
@@ -143,6 +146,7 @@ def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict
                 if buffered >= ROW_GROUP_BYTES:
                     flush()
             flush()
+            bar.close()
     result = {
         "unit": unit["name"],
         "bytes_in": unit["bytes"],

@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
 from pipeline.fsutil import atomic_write_json, read_json
 from pipeline.shards import split_summary, token_dtype, write_manifest, write_shard
@@ -78,7 +79,11 @@ def tokenize_part(part: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
     n_bytes: list[int] = []
     lengths: list[int] = []
     arrays: list[np.ndarray] = []
+    n_docs = pq.ParquetFile(part).metadata.num_rows
+    bar = tqdm(total=n_docs, unit="doc", desc=f"tokenize {part.parent.name}/{part.name}", leave=False,
+               disable=None)
     for ids, texts in _batches(part, cfg.batch_bytes):
+        bar.update(len(ids))
         pieces: list[str] = []
         counts: list[int] = []
         for text in texts:
@@ -99,6 +104,7 @@ def tokenize_part(part: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
         total = sum(map(len, flat))
         arrays.append(np.fromiter(chain.from_iterable(flat), dtype=dtype, count=total))
         all_ids.extend(ids)
+    bar.close()
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
     entry = write_shard(out, all_ids, n_bytes, tokens, lengths, eos_id=tok.eos_id)
     entry["seconds"] = round(time.time() - t0, 3)
