@@ -1,0 +1,250 @@
+"""Batches for training, read straight from the memory-mapped token shards.
+
+Training batches are random ``block_size + 1`` token windows drawn uniformly over every token
+position of a split (a window never crosses a shard boundary). The loader is *stateless by
+design*: the batch for ``(seed, step, micro_step)`` is drawn from its own numpy generator
+``default_rng([seed, step, micro_step])``, so a resumed run sees exactly the batches an
+uninterrupted run would have seen, with nothing to save but the seed and the step. Under DDP
+the *global* batch (``world_size * batch_size`` windows) is drawn once from that generator and
+each rank gathers only its slice: W processes with batch B see exactly what one process with
+batch W*B sees.
+
+Nothing of the dataset is copied into memory: windows are gathered with numpy indexing on a
+zero-copy sliding-window view of each shard's mapped token array, and cast to int64 once per
+batch. On CUDA the batch goes through pinned memory with a non-blocking copy.
+
+Any other batch source (fine-tuning with loss masks, say) plugs into the trainer through the
+tiny :class:`BatchSource` protocol: ``get_batch(step, micro) -> (x, y)`` where ``y`` holds
+``-100`` at positions that carry no loss, plus ``state_dict()`` / ``load_state_dict()``. An
+evaluation source has ``eval_batches() -> Iterable[(x, y)]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from pipeline.shards import Dataset
+
+IGNORE_INDEX = -100  # targets equal to this carry no loss (matches GPT.forward's cross-entropy)
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the training loop needs from a batch source."""
+
+    def get_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class EvalSource(Protocol):
+    """What evaluation needs: a finite, deterministic sequence of (x, y) batches."""
+
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def to_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """numpy int64 array -> tensor on ``device`` (pinned + non_blocking on CUDA)."""
+    t = torch.from_numpy(arr)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device) if device.type != "cpu" else t
+
+
+def _windows(tokens: np.ndarray, width: int) -> np.ndarray:
+    """Zero-copy (n - width + 1, width) view of every window of ``tokens``."""
+    return np.lib.stride_tricks.sliding_window_view(tokens, width)
+
+
+class ShardBatcher:
+    """Random ``(x, y)`` batches of ``block_size`` tokens from one split of a token dataset.
+
+    ``batch_size`` is the per-rank batch; ranks take disjoint slices of one global draw.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: str,
+        block_size: int,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ):
+        if block_size < 1 or batch_size < 1:
+            raise ValueError(f"block_size and batch_size must be >= 1 (got {block_size}, {batch_size})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.dataset = dataset
+        self.split = split
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.step = 0  # next step to be drawn; informational (batches depend only on their step)
+        width = block_size + 1
+        self._views: list[np.ndarray] = []
+        counts = []
+        for shard in dataset.shards(split):
+            n = len(shard.tokens) - width + 1
+            if n > 0:
+                self._views.append(_windows(shard.tokens, width))
+                counts.append(n)
+        if not counts:
+            raise ValueError(
+                f"{dataset.root}: split {split!r} has no shard with at least {width} tokens "
+                f"(block_size {block_size} + 1); use a smaller block_size or more data"
+            )
+        # ends[i] = number of valid window starts in shards 0..i; a global draw u < ends[-1]
+        # maps to shard searchsorted(ends, u, 'right') at local start u - ends[i-1]
+        self._ends = np.cumsum(np.asarray(counts, dtype=np.int64))
+        self.num_windows = int(self._ends[-1])
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardBatcher({self.dataset.root}, split={self.split!r}, block_size={self.block_size}, "
+            f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, windows={self.num_windows})"
+        )
+
+    def window_starts(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, start offset) of this rank's windows for ``(step, micro)``."""
+        rng = np.random.default_rng([self.seed, int(step), int(micro)])
+        u = rng.integers(0, self.num_windows, size=self.batch_size * self.world_size, dtype=np.int64)
+        u = u[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        shard = np.searchsorted(self._ends, u, side="right")
+        start = u - np.where(shard > 0, self._ends[shard - 1], 0)
+        return shard, start
+
+    def get_numpy(self, step: int, micro: int = 0) -> np.ndarray:
+        """The raw (batch_size, block_size + 1) int64 windows for ``(step, micro)``."""
+        shard, start = self.window_starts(step, micro)
+        if len(self._views) == 1:
+            win = self._views[0][start]  # one gather (copy of B*(T+1) tokens) from the map
+        else:
+            win = np.empty((self.batch_size, self.block_size + 1), dtype=self._views[0].dtype)
+            for s in np.unique(shard):
+                sel = shard == s
+                win[sel] = self._views[s][start[sel]]
+        return win.astype(np.int64)
+
+    def get_batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs ``x`` and next-token targets ``y``, both (batch_size, block_size) int64."""
+        win = self.get_numpy(step, micro)
+        self.step = max(self.step, int(step) + 1)
+        if self.device.type == "cuda":
+            t = to_device(win, self.device)
+            return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        return torch.from_numpy(np.ascontiguousarray(win[:, :-1])), torch.from_numpy(np.ascontiguousarray(win[:, 1:]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"checkpoint data state was drawn with seed {state['seed']} but this run uses seed "
+                f"{self.seed}; resuming would change the batch sequence (pass the original seed)"
+            )
+        self.step = int(state["step"])
+
+
+def iter_eval_batches(
+    dataset: Dataset,
+    split: str,
+    block_size: int,
+    batch_size: int,
+    max_tokens: int | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Walk the split's tokens in order as (x, y) batches, every target token exactly once.
+
+    Each shard is cut into consecutive ``block_size`` chunks (the target of a chunk's last
+    position is the first token of the next); a shard's tail shorter than a full chunk is
+    padded, its padded targets set to ``-100``. ``max_tokens`` caps the number of target
+    tokens (the first ones of the split). With ``world_size > 1`` rank r yields batches
+    r, r + W, ... so ranks split the work and their sums add up to the whole.
+    """
+    device = torch.device(device)
+    T = block_size
+    budget = max_tokens if max_tokens is not None else dataset.num_tokens(split)
+    pad = dataset.eos_id
+
+    def chunks() -> Iterator[tuple[np.ndarray, int, int]]:
+        left = budget
+        for shard in dataset.shards(split):
+            toks = shard.tokens
+            n_targets = len(toks) - 1
+            for off in range(0, max(n_targets, 0), T):
+                if left <= 0:
+                    return
+                n = min(T, n_targets - off, left)
+                yield toks, off, n
+                left -= n
+
+    def emit(rows: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.full((len(rows), T), pad, dtype=np.int64)
+        y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
+        for i, (toks, off, n) in enumerate(rows):
+            x[i, :n] = toks[off : off + n]
+            y[i, :n] = toks[off + 1 : off + n + 1]
+        return to_device(x, device), to_device(y, device)
+
+    rows: list[tuple[np.ndarray, int, int]] = []
+    index = 0
+    for c in chunks():
+        rows.append(c)
+        if len(rows) == batch_size:
+            if index % world_size == rank:
+                yield emit(rows)
+            index += 1
+            rows = []
+    if rows and index % world_size == rank:
+        yield emit(rows)
+
+
+class ShardEvalSource:
+    """An :class:`EvalSource` over one split (the default validation source of the trainer)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: str,
+        block_size: int,
+        batch_size: int,
+        max_tokens: int | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if split not in dataset.splits():
+            raise KeyError(f"{dataset.root}: no split {split!r} (have {dataset.splits()})")
+        self.dataset, self.split = dataset, split
+        self.block_size, self.batch_size, self.max_tokens = block_size, batch_size, max_tokens
+        self.device, self.rank, self.world_size = device, rank, world_size
+
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter_eval_batches(
+            self.dataset,
+            self.split,
+            self.block_size,
+            self.batch_size,
+            self.max_tokens,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+        )

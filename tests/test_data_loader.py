@@ -1,0 +1,120 @@
+"""The training data loader over real memory-mapped token shards (tests/support/tinydata.py)."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+from model.data import IGNORE_INDEX, ShardBatcher, ShardEvalSource, iter_eval_batches
+from pipeline.shards import Dataset
+
+try:
+    from support.tinydata import tiny_dataset
+except ImportError:  # tests/ is a package
+    from tests.support.tinydata import tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    return Dataset.open(tiny_dataset(tmp_path_factory.mktemp("data")))
+
+
+def test_batches_are_shifted_windows_inside_one_shard(ds: Dataset) -> None:
+    T = 48
+    b = ShardBatcher(ds, "train", T, 16, seed=3)
+    shards = [s.tokens for s in ds.shards("train")]
+    assert len(shards) == 2  # the multi-shard path is exercised
+    for step in range(5):
+        x, y = b.get_batch(step, 0)
+        assert x.shape == y.shape == (16, T) and x.dtype == y.dtype == torch.int64
+        which, start = b.window_starts(step, 0)
+        for i in range(16):
+            toks = shards[which[i]]
+            assert start[i] + T + 1 <= len(toks)  # never crosses the end of its shard
+            assert np.array_equal(x[i].numpy(), toks[start[i] : start[i] + T])
+            assert np.array_equal(y[i].numpy(), toks[start[i] + 1 : start[i] + T + 1])
+
+
+def test_same_coordinates_give_same_batch_in_a_fresh_loader(ds: Dataset) -> None:
+    a = ShardBatcher(ds, "train", 32, 8, seed=11)
+    b = ShardBatcher(ds, "train", 32, 8, seed=11)  # e.g. a resumed process
+    assert torch.equal(a.get_batch(7, 1)[0], b.get_batch(7, 1)[0])
+    assert not torch.equal(a.get_batch(7, 0)[0], a.get_batch(7, 1)[0])
+    assert not torch.equal(a.get_batch(7, 0)[0], a.get_batch(8, 0)[0])
+    c = ShardBatcher(ds, "train", 32, 8, seed=12)
+    assert not torch.equal(a.get_batch(7, 0)[0], c.get_batch(7, 0)[0])
+
+
+def test_ranks_split_the_global_batch_of_one_process(ds: Dataset) -> None:
+    world, B = 3, 4
+    one = ShardBatcher(ds, "train", 32, world * B, seed=5)
+    for step, micro in [(0, 0), (9, 2)]:
+        parts = [ShardBatcher(ds, "train", 32, B, seed=5, rank=r, world_size=world).get_batch(step, micro)
+                 for r in range(world)]
+        x1, y1 = one.get_batch(step, micro)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x1)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y1)
+        assert not torch.equal(parts[0][0], parts[1][0])
+
+
+def test_windows_are_drawn_uniformly_over_all_shards(ds: Dataset) -> None:
+    T = 64
+    b = ShardBatcher(ds, "train", T, 512, seed=0)
+    lengths = np.array([len(s.tokens) - T for s in ds.shards("train")], dtype=float)
+    which = np.concatenate([b.window_starts(s)[0] for s in range(40)])
+    observed = np.bincount(which, minlength=len(lengths)) / len(which)
+    expected = lengths / lengths.sum()
+    assert np.allclose(observed, expected, atol=0.01), (observed, expected)
+
+
+def test_state_dict_round_trips_and_rejects_another_seed(ds: Dataset) -> None:
+    a = ShardBatcher(ds, "train", 16, 2, seed=1)
+    a.get_batch(41, 0)
+    state = a.state_dict()
+    assert state == {"seed": 1, "step": 42}
+    b = ShardBatcher(ds, "train", 16, 2, seed=1)
+    b.load_state_dict(state)
+    assert b.state_dict() == state
+    with pytest.raises(ValueError, match="seed 1 but this run uses seed 2"):
+        ShardBatcher(ds, "train", 16, 2, seed=2).load_state_dict(state)
+
+
+def test_rejects_block_size_longer_than_every_shard(ds: Dataset) -> None:
+    too_long = max(len(s.tokens) for s in ds.shards("val"))
+    with pytest.raises(ValueError, match=r"no shard with at least .* tokens"):
+        ShardBatcher(ds, "val", too_long, 2, seed=0)
+
+
+def test_eval_batches_cover_every_target_once_in_order(ds: Dataset) -> None:
+    T = 100
+    ys = [y[y != IGNORE_INDEX].numpy() for _, y in iter_eval_batches(ds, "val", T, 7)]
+    stream = np.concatenate(ys)
+    expected = np.concatenate([s.tokens[1:] for s in ds.shards("val")])
+    assert np.array_equal(stream, expected)
+    xs = [(x, y) for x, y in iter_eval_batches(ds, "val", T, 7)]
+    x0, y0 = xs[0]
+    assert torch.equal(x0[0, 1:], y0[0, :-1])  # y is x shifted by one
+
+
+def test_eval_batches_honour_max_tokens_and_ranks(ds: Dataset) -> None:
+    capped = sum(int((y != IGNORE_INDEX).sum()) for _, y in iter_eval_batches(ds, "val", 64, 4, max_tokens=1000))
+    assert capped == 1000
+    whole = sum(int((y != IGNORE_INDEX).sum()) for _, y in iter_eval_batches(ds, "val", 64, 4))
+    per_rank = [
+        sum(int((y != IGNORE_INDEX).sum()) for _, y in
+            ShardEvalSource(ds, "val", 64, 4, rank=r, world_size=2).eval_batches())
+        for r in range(2)
+    ]
+    assert sum(per_rank) == whole and min(per_rank) > 0
+
+
+def test_loader_maps_the_shards_instead_of_copying_them(ds: Dataset) -> None:
+    b = ShardBatcher(ds, "train", 32, 4, seed=0)
+    for view in b._views:
+        assert not view.flags.owndata and not view.flags.writeable  # a view of the read-only map
+        base = view
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        assert not isinstance(base.base, (bytes, bytearray))  # backed by the Arrow memory map

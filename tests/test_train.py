@@ -1,0 +1,392 @@
+"""The training loop on real shards, a real MLflow store and real processes (kill, torchrun)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import CheckpointManager, load_checkpoint
+from model.data import IGNORE_INDEX, ShardBatcher
+from model.train import TrainConfig, TrainingDiverged, launch, lr_factor, train
+from pipeline.shards import Dataset
+
+try:
+    from support.tinydata import tiny_dataset
+except ImportError:  # tests/ is a package
+    from tests.support.tinydata import tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 64}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(autouse=True)
+def mlruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LLMFORGE_MLRUNS", str(tmp_path / "mlruns"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LLMFORGE_PARENT_RUN_ID", raising=False)
+    torch.set_num_threads(1)
+    return tmp_path / "mlruns"
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(model=dict(SMALL), block_size=32, batch_size=4, max_steps=20, lr=3e-3, warmup_steps=5,
+                eval_every=0, eval_tokens=2048, log_every=1, ckpt_every=0, sample_tokens=8,
+                sample_prompts=["def "], log_checkpoints=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def client():
+    import mlflow
+
+    from pipeline import tracking
+
+    tracking.setup()
+    return mlflow.MlflowClient()
+
+
+def loss_curve(run_id: str) -> dict[int, float]:
+    return {m.step: m.value for m in client().get_metric_history(run_id, "train/loss")}
+
+
+# ---------------------------------------------------------------------------------- resume
+
+DRIVER = textwrap.dedent("""
+    import os, signal, sys, json
+    import torch
+    torch.set_num_threads(1)
+    from model.data import ShardBatcher
+    from model.train import TrainConfig, train
+    from pipeline.shards import Dataset
+
+    data, out, kill_step, cfg_json = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    cfg = TrainConfig.from_dict(json.loads(cfg_json))
+
+    class KillBeforeStep:
+        # the real loader; SIGKILLs this process when the batch of `kill_step` is requested,
+        # i.e. right after the checkpoint written at the end of step `kill_step`
+        def __init__(self, inner):
+            self.inner = inner
+        def get_batch(self, step, micro):
+            if step == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.inner.get_batch(step, micro)
+        def state_dict(self):
+            return self.inner.state_dict()
+        def load_state_dict(self, s):
+            self.inner.load_state_dict(s)
+
+    ds = Dataset.open(data)
+    batcher = KillBeforeStep(ShardBatcher(ds, "train", cfg.block_size, cfg.batch_size, seed=cfg.seed))
+    summary = train(cfg, data, out, batcher=batcher)
+    print("SUMMARY " + json.dumps(summary))
+""")
+
+
+def run_driver(tmp_path: Path, data: Path, out: Path, kill_step: int, cfg: TrainConfig) -> subprocess.CompletedProcess:
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script), str(data), str(out), str(kill_step),
+                           json.dumps(cfg.to_dict())], capture_output=True, text=True, env=env, timeout=240)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, data: Path) -> None:
+    # dropout > 0 so that the restored RNG state matters, eval + checkpoints mid-run
+    cfg = small_cfg(model={**SMALL, "dropout": 0.1}, max_steps=20, ckpt_every=4, eval_every=5)
+    straight = run_driver(tmp_path, data, tmp_path / "straight", -1, cfg)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = run_driver(tmp_path, data, tmp_path / "resumed", 12, cfg)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    mgr = CheckpointManager(tmp_path / "resumed")
+    assert mgr.latest().name == "ckpt-00000012.pt"
+    first_run_id = load_checkpoint(mgr.latest())["lineage"]["mlflow_run_id"]
+
+    resumed = run_driver(tmp_path, data, tmp_path / "resumed", -1, cfg)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    s1 = json.loads(straight.stdout.split("SUMMARY ")[-1])
+    s2 = json.loads(resumed.stdout.split("SUMMARY ")[-1])
+    assert s2["step"] == s1["step"] == 20
+    assert s2["train_loss"] == s1["train_loss"] and s2["val_loss"] == s1["val_loss"]
+    a = load_checkpoint(tmp_path / "straight" / "ckpt-00000020.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "ckpt-00000020.pt")
+    for k, v in a["model_state"].items():
+        assert torch.equal(v, b["model_state"][k]), k
+    assert torch.equal(a["rng_state"]["torch"], b["rng_state"]["torch"])
+    # the resumed process kept logging into the same MLflow run, and its curve matches
+    assert s2["mlflow_run_id"] == first_run_id != s1["mlflow_run_id"]
+    c1, c2 = loss_curve(s1["mlflow_run_id"]), loss_curve(s2["mlflow_run_id"])
+    assert sorted(c2) == list(range(1, 21)) and c1 == c2
+
+
+# ---------------------------------------------------------------------------------- DDP
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_the_global_batch(tmp_path: Path, data: Path) -> None:
+    steps = 8
+    one = train(small_cfg(batch_size=8, max_steps=steps, sample_prompts=[]), data, tmp_path / "one")
+    two = launch(small_cfg(batch_size=4, max_steps=steps, sample_prompts=[]), data, tmp_path / "two", 2,
+                 extra_env={"OMP_NUM_THREADS": "1"})
+    assert two["tokens_per_step"] == one["tokens_per_step"] == 8 * 32
+    c1, c2 = loss_curve(one["mlflow_run_id"]), loss_curve(two["mlflow_run_id"])
+    assert sorted(c1) == sorted(c2) == list(range(1, steps + 1))
+    for s in c1:
+        assert abs(c1[s] - c2[s]) < 1e-5, (s, c1[s], c2[s])
+    assert c1[steps] < c1[1] - 0.5  # and it actually trained
+    params = client().get_run(two["mlflow_run_id"]).data.params
+    assert params["data.world_size"] == "2"
+
+
+# ---------------------------------------------------------------------------------- learning + MLflow
+
+def test_loss_falls_well_below_uniform_and_run_is_recorded(tmp_path: Path, data: Path) -> None:
+    vocab = Dataset.open(data).vocab_size
+    cfg = small_cfg(block_size=64, batch_size=8, max_steps=200, warmup_steps=20, eval_every=100,
+                    log_every=20, ckpt_every=100, log_checkpoints=True)
+    s = train(cfg, data, tmp_path / "run")
+    assert s["status"] == "completed" and s["step"] == 200 and s["bad_steps"] == 0
+    uniform = math.log(vocab)
+    assert s["val_loss"] < 0.7 * uniform, (s["val_loss"], uniform)
+    assert s["train_loss"] < 0.7 * uniform
+
+    c = client()
+    run = c.get_run(s["mlflow_run_id"])
+    p = run.data.params
+    assert p["model.n_layer"] == "2" and p["train.optimizer"] == "adamw" and p["train.lr"] == "0.003"
+    ds = Dataset.open(data)
+    assert p["lineage.dataset_fingerprint"] == ds.fingerprint
+    assert p["lineage.tokenizer_fingerprint"] == ds.manifest["tokenizer"]["fingerprint"]
+    for key in ("train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s"):
+        assert key in run.data.metrics, key
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/loss")] == [100, 200]
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"checkpoints", "plots", "samples", "summary.json"} <= arts
+    assert {Path(a.path).name for a in c.list_artifacts(run.info.run_id, "checkpoints")} == {"ckpt-00000200.pt", "best.pt"}
+    png = Path(c.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sample = c.download_artifacts(run.info.run_id, "samples", str(tmp_path))
+    assert Path(sample, "step-00000200.txt").read_text().startswith("### 'def '")
+    assert run.data.tags["llmforge.status"] == "completed"
+
+    ckpt = load_checkpoint(s["checkpoint"])
+    assert ckpt["lineage"]["mlflow_run_id"] == run.info.run_id
+    assert ckpt["lineage"]["dataset_fingerprint"] == ds.fingerprint
+    assert bytes(ckpt["tokenizer"].numpy()) == ds.tokenizer_path.read_bytes()
+    assert ckpt["config"]["model"]["n_embd"] == 64 and ckpt["config"]["train"]["max_steps"] == 200
+
+    again = train(cfg, data, tmp_path / "run")  # a finished run is not trained again
+    assert again["step"] == 200 and again["mlflow_run_id"] == s["mlflow_run_id"]
+
+
+# ---------------------------------------------------------------------------------- non-finite
+
+class MaskedAt:
+    """Real shard batches, except that every target of step ``bad`` is masked (-100), as a
+    fine-tuning batch of prompts only would be: its mean loss is 0/0 = NaN."""
+
+    def __init__(self, inner: ShardBatcher, bad: set[int]):
+        self.inner, self.bad = inner, bad
+
+    def get_batch(self, step: int, micro: int):
+        x, y = self.inner.get_batch(step, micro)
+        if step in self.bad:
+            y = torch.full_like(y, IGNORE_INDEX)
+        return x, y
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, s):
+        self.inner.load_state_dict(s)
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path: Path, data: Path) -> None:
+    cfg = small_cfg(max_steps=6, ckpt_every=1, keep_last=10)
+    ds = Dataset.open(data)
+    batcher = MaskedAt(ShardBatcher(ds, "train", 32, 4, seed=cfg.seed), {3})
+    s = train(cfg, data, tmp_path / "run", batcher=batcher)
+    assert s["status"] == "completed" and s["step"] == 6 and s["bad_steps"] == 1
+    w3 = load_checkpoint(tmp_path / "run" / "ckpt-00000003.pt")["model_state"]
+    w4 = load_checkpoint(tmp_path / "run" / "ckpt-00000004.pt")["model_state"]
+    w5 = load_checkpoint(tmp_path / "run" / "ckpt-00000005.pt")["model_state"]
+    assert all(torch.equal(w3[k], w4[k]) for k in w3)  # step 4 (0-based 3) changed nothing
+    assert not all(torch.equal(w4[k], w5[k]) for k in w4)  # and training went on
+    assert all(torch.isfinite(v).all() for v in w5.values())
+
+
+def test_diverging_run_stops_and_keeps_last_good_checkpoint(tmp_path: Path, data: Path) -> None:
+    cfg = small_cfg(lr=1e30, warmup_steps=0, max_steps=50, max_bad_steps=3, ckpt_every=1, grad_clip=0)
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps with non-finite loss") as e:
+        train(cfg, data, tmp_path / "run")
+    latest = CheckpointManager(tmp_path / "run").latest()
+    assert str(latest) in str(e.value)
+    ckpt = load_checkpoint(latest)
+    assert ckpt["step"] < 50
+    assert not (tmp_path / "run" / f"ckpt-{ckpt['step'] + 1:08d}.pt").exists()
+    runs = client().search_runs([client().get_experiment_by_name("llmforge").experiment_id])
+    assert runs[0].data.tags["llmforge.status"] == "diverged"
+
+
+# ---------------------------------------------------------------------------------- stopping early
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(tmp_path: Path, data: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", "--data", str(data), "--out", str(out), "--no-prefect",
+         "--set", "n_layer=2", "--set", "n_embd=64", "--set", "n_head=2", "--block-size", "32",
+         "--batch-size", "4", "--max-steps", "100000", "--log-every", "1", "--eval-every", "0",
+         "--ckpt-every", "0", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step") and "/100000" in line and "step      3/" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 3 <= summary["step"] < 100000
+    assert CheckpointManager(out).latest().name == f"ckpt-{summary['step']:08d}.pt"
+    assert "resume with the same command" in text and "MLflow run" in text
+
+
+def test_max_minutes_stops_with_a_checkpoint(tmp_path: Path, data: Path) -> None:
+    s = train(small_cfg(max_steps=100000, max_minutes=0.05, sample_prompts=[]), data, tmp_path / "run")
+    assert s["status"] == "time_limit" and 0 < s["step"] < 100000
+    assert Path(s["checkpoint"]).name == f"ckpt-{s['step']:08d}.pt"
+
+
+# ---------------------------------------------------------------------------------- schedule, init_from
+
+def test_schedule_warms_up_linearly_then_decays_to_min_lr() -> None:
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1) and lr_factor(500, cfg) == pytest.approx(0.1)
+    factors = [lr_factor(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_init_from_starts_from_its_weights_with_a_fresh_optimizer(tmp_path: Path, data: Path) -> None:
+    base = train(small_cfg(max_steps=10, sample_prompts=[]), data, tmp_path / "base")
+    lora_like = []
+
+    def freeze_embeddings(model) -> None:  # only parameters that still require grad train
+        model.transformer.wte.weight.requires_grad_(False)
+        lora_like.append(model.transformer.wte.weight.detach().clone())
+
+    s = train(small_cfg(max_steps=3, sample_prompts=[]), data, tmp_path / "ft", init_from=tmp_path / "base",
+              prepare_model=freeze_embeddings)
+    assert s["step"] == 3
+    b = load_checkpoint(base["checkpoint"])
+    f = load_checkpoint(s["checkpoint"])
+    assert torch.equal(lora_like[0], b["model_state"]["transformer.wte.weight"])  # started from base
+    assert torch.equal(f["model_state"]["transformer.wte.weight"], b["model_state"]["transformer.wte.weight"])
+    key = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.equal(f["model_state"][key], b["model_state"][key])
+    assert f["lineage"]["base_checkpoint"].endswith("best.pt")
+    assert f["optimizer_state"]["state"][next(iter(f["optimizer_state"]["state"]))]["step"] == 3  # fresh
+
+
+def test_rejects_unknown_options_and_bad_values() -> None:
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="optimizer must be"):
+        TrainConfig(optimizer="sgd").validate()
+
+
+# ---------------------------------------------------------------------------------- CLI and flow
+
+def test_cli_help_explains_every_option() -> None:
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for opt in ("--data", "--preset", "--max-steps", "--out", "--nproc", "--max-minutes", "--batch-size", "--lr",
+                "--device", "--compile", "--optimizer", "--no-prefect", "--set", "--init-from", "--grad-accum"):
+        assert opt in out, opt
+    assert "resumes" in out or "resume" in out
+
+
+def test_cli_reports_a_missing_dataset_clearly(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--data", str(tmp_path / "nope"), "--no-prefect"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no manifest.json" in r.stderr and str(tmp_path / "nope") in r.stderr
+
+
+FLOW = textwrap.dedent("""
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    from flows.train import train_flow
+    cfg = json.loads(sys.argv[2])
+    # a run cut short (as a crash or a time limit would), then the same flow run again
+    first = train_flow(data_dir=sys.argv[1], preset="tiny", overrides={**cfg, "max_minutes": 0.01})
+    second = train_flow(data_dir=sys.argv[1], preset="tiny", overrides=cfg)
+    print("SUMMARY " + json.dumps([first, second]))
+""")
+
+
+@pytest.mark.slow
+def test_flow_rerun_resumes_in_the_same_run_directory(tmp_path: Path, data: Path) -> None:
+    script = tmp_path / "flow.py"
+    script.write_text(FLOW)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1",
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    cfg = small_cfg(max_steps=100, sample_prompts=[], log_every=50).to_dict()
+    cfg.pop("preset")
+    r = subprocess.run([sys.executable, str(script), str(data), json.dumps(cfg)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    first, second = json.loads(r.stdout.split("SUMMARY ")[-1])
+    assert first["status"] == "time_limit" and first["step"] < 100
+    assert Path(first["out_dir"]).parent == tmp_path / "runs"
+    # same config and data (max_minutes only bounds the run): same directory, resumed, same MLflow run
+    assert second["status"] == "completed" and second["step"] == 100
+    assert second["out_dir"] == first["out_dir"] and second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert client().get_run(second["mlflow_run_id"]).data.tags["llmforge.resumed_from_step"] == str(first["step"])
+
+
+def test_muon_optimizer_trains_and_resumes(tmp_path: Path, data: Path) -> None:
+    cfg = small_cfg(optimizer="muon", lr=2e-2, max_steps=30, ckpt_every=15, sample_prompts=[], log_every=5)
+    s = train(cfg, data, tmp_path / "run")
+    curve = loss_curve(s["mlflow_run_id"])
+    assert curve[30] < curve[1] - 1.0
+    cont = train(small_cfg(optimizer="muon", lr=2e-2, max_steps=40, ckpt_every=15, sample_prompts=[], log_every=5),
+                 data, tmp_path / "run")  # a longer horizon continues from step 30 with Muon's state
+    assert cont["step"] == 40 and cont["mlflow_run_id"] == s["mlflow_run_id"]
+    assert set(load_checkpoint(cont["checkpoint"])["optimizer_state"]) == {"muon", "adamw"}
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path: Path, data: Path) -> None:
+    cfg = small_cfg(max_steps=6, ckpt_every=3, sample_prompts=[])
+    train(cfg, data, tmp_path / "run")
+    newest = tmp_path / "run" / "ckpt-00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn by a disk fault, say
+    s = train(small_cfg(max_steps=8, ckpt_every=3, sample_prompts=[]), data, tmp_path / "run")
+    assert s["status"] == "completed" and s["step"] == 8
+    history = client().get_run(s["mlflow_run_id"]).data.tags
+    assert history["llmforge.resumed_from_step"] == "3"
