@@ -20,6 +20,13 @@ from flows.finetune import finetune_flow
 from flows.train import train_flow
 
 PIPELINE_TAG = "llmforge.pipeline"
+# after instruction tuning, the samples answer questions in the chat template (model/sft.py)
+SFT_SAMPLE_QUESTIONS = (
+    "What is the Python module `json` for?",
+    "What does the function `shutil.copyfile` do?",
+    "What is the Python module `sqlite3` for?",
+    "What does the class `collections.OrderedDict` do?",
+)
 
 
 def _parent_run(experiment: str, name: str, params: dict[str, Any]) -> str:
@@ -104,7 +111,7 @@ def pipeline_flow(
         rows.append(("prepare", data_dir))
 
         summary = train_flow(data_dir=data_dir, preset=preset, overrides=train, nproc=nproc,
-                             experiment=experiment, parent_run_id=parent)
+                             experiment=experiment, parent_run_id=parent, runs_root=runs)
         ckpt = summary["checkpoint"]
         metrics.update({"train_loss": summary.get("train_loss"), "val_loss": summary.get("val_loss"),
                         "tokens_per_s": summary.get("tokens_per_s"), "train_steps": summary.get("step")})
@@ -122,8 +129,13 @@ def pipeline_flow(
                                        parent_run_id=parent)
             ft_model = ft_summary["model"]
             rows.append(("finetune", ft_model))
-            ft_eval = evaluate_flow(ft_model, data_dir, config={**(evaluate or {}), **(ft.get("evaluate") or {})},
-                                    experiment=experiment, parent_run_id=parent)
+            ft_eval_cfg = {**(evaluate or {}), **(ft.get("evaluate") or {})}
+            if ft.get("sft_file") and "prompts" not in (ft.get("evaluate") or {}):
+                from model.sft import format_prompt
+
+                ft_eval_cfg["prompts"] = [format_prompt(q) for q in SFT_SAMPLE_QUESTIONS]
+            ft_eval = evaluate_flow(ft_model, data_dir, config=ft_eval_cfg, experiment=experiment,
+                                    parent_run_id=parent)
             metrics.update(_eval_metrics("ft_eval_", ft_eval))
             rows.append(("evaluate finetuned", "done"))
     except BaseException:

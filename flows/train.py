@@ -50,16 +50,18 @@ def train_flow(
     init_from: str | None = None,
     experiment: str = "llmforge",
     parent_run_id: str | None = None,
+    runs_root: str = "runs",
 ) -> dict:
     """Train ``preset`` on the token dataset at ``data_dir``; ``overrides`` are TrainConfig
-    fields (``{"max_steps": 500, "model": {"n_layer": 2}}``). Returns the run summary."""
+    fields (``{"max_steps": 500, "model": {"n_layer": 2}}``). Returns the run summary.
+    Without ``out_dir`` the run lives in ``<runs_root>/train-<preset>-<fingerprint>``."""
     from model.train import TrainConfig
 
     logger = get_run_logger()
     cfg = TrainConfig.from_dict({"preset": preset, **(overrides or {})})
     cfg.validate()
     dataset = Dataset.open(data_dir)
-    out = Path(out_dir) if out_dir else default_out_dir(cfg.to_dict(), dataset.fingerprint, init_from)
+    out = Path(out_dir) if out_dir else default_out_dir(cfg.to_dict(), dataset.fingerprint, init_from, runs_root)
     logger.info("training %s on %s into %s", preset, data_dir, out)
     summary = train_task(cfg.to_dict(), str(data_dir), str(out), nproc, init_from, experiment, parent_run_id)
     val = summary.get("val_loss")
