@@ -1,0 +1,69 @@
+"""List the pipeline runs recorded in MLflow, newest first, to compare them side by side.
+
+Each row is one `llmforge pipeline` / `prefect deployment run 'llm-pipeline/...'` run: corpus,
+preset, model size, steps, final val loss, bits per byte of the base and the fine-tuned model,
+training tokens/s, duration, status and start time. Reads the local store (mlruns/, or
+LLMFORGE_MLRUNS) unless MLFLOW_TRACKING_URI or --tracking-uri names another (an `mlflow server`).
+
+examples:
+  llmforge runs
+  llmforge runs --last 5 --all
+  llmforge runs --json | jq '.[0].bpb'
+  MLFLOW_TRACKING_URI=http://127.0.0.1:5000 llmforge runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HELP = "compare the pipeline runs recorded in MLflow"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default="llmforge", help="MLflow experiment (default: llmforge)")
+    p.add_argument("--last", type=int, default=20, metavar="N", help="newest N pipeline runs (default: 20; 0: all)")
+    p.add_argument("--all", action="store_true", dest="include_stages",
+                   help="also list each pipeline's stage runs (prepare, train, evaluate, finetune) under it")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+
+    if args.last < 0:
+        print(f"--last must be >= 0 (got {args.last})", file=sys.stderr)
+        return 2
+    uri = args.tracking_uri or tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        print(f"no MLflow store at {uri[len('sqlite:///'):]}: run `llmforge pipeline` first, or point "
+              f"LLMFORGE_MLRUNS / MLFLOW_TRACKING_URI at a store", file=sys.stderr)
+        return 1
+
+    import logging
+
+    from mlflow import MlflowClient
+
+    from model.runs import format_table, query
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        rows = query(MlflowClient(tracking_uri=uri), args.experiment, last=args.last or None,
+                     include_stages=args.include_stages)
+    except LookupError as e:
+        print(f"{uri}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"no pipeline runs in experiment {args.experiment!r} at {uri}")
+        return 0
+    print(format_table(rows))
+    hint = f"; details: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else ""
+    print(f"\n{sum(r.stage == 'pipeline' for r in rows)} pipeline run(s) from {uri}{hint}")
+    return 0
