@@ -558,15 +558,22 @@ class _Reader:
 
     # -- formats ------------------------------------------------------------------------------
 
-    def text(self, stream: BinaryIO, owner: _Src, doc_id: str) -> Iterator[RawDoc]:
-        """One file = one document, read whole (never split: a line-less 50 MB file is fine)."""
+    def _text_head(self, stream: BinaryIO, owner: _Src) -> bytes | None:
+        """The first bytes of a text file, or None (counted and named) if it is empty or binary."""
         head = stream.read(_HEAD)
         if not head:
             self.stats.error(owner.name, "empty file", "read_error.empty_file")
-            return
+            return None
         if _looks_binary(head):
             self.stats.error(owner.name, "binary content (NUL or non-text bytes in the first 8 KB); "
                              "skipped", "read_error.binary_file")
+            return None
+        return head
+
+    def text(self, stream: BinaryIO, owner: _Src, doc_id: str) -> Iterator[RawDoc]:
+        """One file = one document, read whole (never split: a line-less 50 MB file is fine)."""
+        head = self._text_head(stream, owner)
+        if head is None:
             return
         rest = stream.read()
         yield self._doc(doc_id, head + rest if rest else head)
@@ -580,13 +587,8 @@ class _Reader:
         """
         sep = self.separator
         assert sep is not None
-        head = stream.read(_HEAD)
-        if not head:
-            self.stats.error(owner.name, "empty file", "read_error.empty_file")
-            return
-        if _looks_binary(head):
-            self.stats.error(owner.name, "binary content (NUL or non-text bytes in the first 8 KB); "
-                             "skipped", "read_error.binary_file")
+        head = self._text_head(stream, owner)
+        if head is None:
             return
         buf = bytearray(head)
         n = 0
