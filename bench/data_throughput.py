@@ -31,19 +31,21 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from pipeline import extract, tokenize, tokenizer  # noqa: E402
 from pipeline.config import load_corpus  # noqa: E402
-from pipeline.download import fetch  # noqa: E402
+from pipeline.download import SourceSpec, fetch  # noqa: E402
 from pipeline.tokenizer import Tokenizer, _chunks  # noqa: E402
 
 
-def take_first_mb(corpus: Path, mb: float, out: Path) -> list[Path]:
-    """Copy whole jsonl lines of the corpus shards, in order, until ``mb`` MB of text; one file per shard."""
-    files = []
+def take_first_mb(corpus: Path, mb: float, out: Path) -> dict[str, int]:
+    """Copy whole jsonl lines of the corpus shards, in order, until ``mb`` MB of text; one file per
+    shard. Returns each written file's name -> its UTF-8 text bytes."""
+    files: dict[str, int] = {}
     budget = int(mb * 1e6)
     for src in sorted(corpus.glob("*.jsonl.zst")):
         if budget <= 0:
             break
         dst = out / src.name
         lines = []
+        text_bytes = 0
         with zstandard.open(src, "rt", encoding="utf-8") as f:
             for line in f:
                 n = len(json.loads(line)["text"].encode())
@@ -52,9 +54,10 @@ def take_first_mb(corpus: Path, mb: float, out: Path) -> list[Path]:
                     break
                 lines.append(line)
                 budget -= n
+                text_bytes += n
         with zstandard.open(dst, "wt", encoding="utf-8") as f:
             f.writelines(lines)
-        files.append(dst)
+        files[dst.name] = text_bytes
     return files
 
 
@@ -81,16 +84,15 @@ def main() -> int:
         www = tmp / "www"
         www.mkdir()
         files = take_first_mb(corpus, args.mb, www)
-        in_bytes = sum(f.stat().st_size for f in files)
+        in_bytes = sum((www / name).stat().st_size for name in files)
 
         # download over a real local HTTP server
         from support.http import TestHTTPServer
 
         with TestHTTPServer(www) as server:
             t0 = time.time()
-            for f in files:
-                fetch(__import__("pipeline.download", fromlist=["SourceSpec"]).SourceSpec(url=server.url(f.name)),
-                      tmp / "dl", progress=False)
+            for name in files:
+                fetch(SourceSpec(url=server.url(name)), tmp / "dl", progress=False)
             secs = time.time() - t0
         rows.append(("download (http, compressed)", in_bytes, secs, ""))
 
@@ -98,13 +100,9 @@ def main() -> int:
                            overrides={"tokenizer": {"vocab_size": args.vocab_size}})
         downloads = [{"path": str(tmp / "dl"), "sha256": None}]
         spec.sources[0].include = ["*.jsonl.zst"]
-        units = extract.UNIT_BYTES
         extract.UNIT_BYTES = 1  # one unit per file, so units run in parallel
         units = extract.plan_units(downloads, spec)
-        text_in = 0
-        for f in files:
-            with zstandard.open(f, "rt", encoding="utf-8") as fh:
-                text_in += sum(len(json.loads(line)["text"].encode()) for line in fh)
+        text_in = sum(files.values())
         clean_dir = tmp / "clean"
 
         # clean: one core first (the per-core rate, steady state: after one warm-up pass that
@@ -113,7 +111,8 @@ def main() -> int:
         t0 = time.time()
         extract.clean_unit(units[0], spec.clean, tmp / "clean1")
         secs1 = time.time() - t0
-        rows.append(("extract+clean, 1 core", _text_bytes(units[0], spec), secs1, "per core, steady"))
+        unit0_text = sum(files[rel] for rel, _, _ in units[0]["files"])
+        rows.append(("extract+clean, 1 core", unit0_text, secs1, "per core, steady"))
         t0 = time.time()
         with ProcessPoolExecutor(args.workers) as ex:
             list(ex.map(_clean, [(u, spec.clean, clean_dir) for u in units]))
@@ -166,14 +165,6 @@ def main() -> int:
             print(f"| {name:52s} | {secs:8.2f} |")
         print("\n(re-run target: under 15 s)")
     return 0
-
-
-def _text_bytes(unit: dict, spec) -> int:
-    n = 0
-    for rel, _, _ in unit["files"]:
-        with zstandard.open(Path(unit["root"]) / rel, "rt", encoding="utf-8") as fh:
-            n += sum(len(json.loads(line)["text"].encode()) for line in fh)
-    return n
 
 
 def _rate(rows, name) -> float:

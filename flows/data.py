@@ -9,7 +9,6 @@ fingerprint of its config and inputs and is skipped when that directory's manife
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from pipeline import extract, tokenize, tokenizer
 from pipeline.config import CorpusSpec, load_corpus
 from pipeline.download import SourceSpec, fetch
-from pipeline.fsutil import FORMAT_VERSION, atomic_write_json, clean_temp, fingerprint, human_bytes, read_json
+from pipeline.fsutil import FORMAT_VERSION, atomic_write_json, clean_temp, fingerprint, human_bytes
 from pipeline.shards import Dataset
 
 

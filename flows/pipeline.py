@@ -104,6 +104,7 @@ def pipeline_flow(
     parent = _parent_run(experiment, f"pipeline-{corpus}-{preset}", params)
     metrics: dict[str, float] = {}
     rows = []
+    ft_model = None
     try:
         prepared = prepare_flow(corpus=corpus, out=shards, vocab_size=vocab_size, workers=workers,
                                 task_runner=task_runner, progress=False, parent_run_id=parent)
@@ -149,4 +150,4 @@ def pipeline_flow(
     _finish_parent(parent, metrics, "FINISHED", md)
     logger.info("pipeline finished in %.0fs: %s", metrics["duration_s"], rows[-1][1])
     return {"mlflow_run_id": parent, "dataset": data_dir, "checkpoint": ckpt, "metrics": metrics,
-            "finetuned": rows[-2][1] if finetune else None}
+            "finetuned": ft_model}

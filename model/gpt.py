@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.fsutil import read_yaml_mapping
+
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
@@ -64,20 +66,13 @@ class GPTConfig:
 
 def load_preset(name_or_path: str, **overrides: Any) -> GPTConfig:
     """Build a GPTConfig from ``configs/model/<name>.yaml`` (or any YAML path) plus overrides."""
-    import yaml
-
     p = Path(name_or_path)
     if not (p.suffix in (".yaml", ".yml") or p.is_file()):
         p = PRESET_DIR / f"{name_or_path}.yaml"
     if not p.is_file():
         available = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"model preset {name_or_path!r} not found at {p}; available presets: {available}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping of model fields, got {type(data).__name__}")
+    data = read_yaml_mapping(p, "a model preset")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return GPTConfig.from_dict(data, source=str(p))
 

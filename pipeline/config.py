@@ -15,11 +15,11 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.clean import CleanConfig
 from pipeline.download import SourceSpec
+from pipeline.fsutil import read_yaml_mapping
 from pipeline.tokenize import TokenizeConfig
 from pipeline.tokenizer import TokenizerConfig
 
@@ -102,12 +102,7 @@ def load_corpus(name_or_path: str | None = None, *, sources: list[str] | None = 
         raise ValueError("give a corpus name/YAML or at least one --source")
     if name_or_path is not None:
         path = resolve_corpus_path(name_or_path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a corpus spec must be a mapping, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path, "a corpus spec")
         where = str(path)
     else:
         raw, where = {"name": "custom"}, "--source"

@@ -55,12 +55,12 @@ def plan_units(downloads: list[dict], spec: CorpusSpec) -> list[dict]:
     the stage fingerprint changes when an input changes.
     """
     units: list[dict] = []
-    for si, (src, dl) in enumerate(zip(spec.sources, downloads)):
+    for src, dl in zip(spec.sources, downloads):
         path = Path(dl["path"])
         fmt = src.format or spec.format
         label = src.name or path.name
         text_key = src.text_key or spec.text_key
-        extra = {"text_key": text_key, "separator": getattr(src, "separator", None)}
+        extra = {"text_key": text_key, "separator": src.separator}
         if path.is_dir():
             files = select_files(path, src.include, src.exclude)
             group: list = []
@@ -100,7 +100,7 @@ def _unit_documents(unit: dict, stats: ReadStats) -> Iterator:
         path = root / rel
         label = f"{unit['label']}/{rel}" if len(unit["files"]) > 1 or rel != unit["label"] else unit["label"]
         yield from iter_documents(path, unit["format"], text_key=unit["text_key"], label=label, stats=stats,
-                                  **({"separator": unit["separator"]} if unit.get("separator") else {}))
+                                  separator=unit["separator"])
 
 
 def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict:
@@ -226,7 +226,7 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
             f"extract+clean: no usable document remains out of {counts.get('docs_in', 0)} read "
             f"({reasons or 'no documents found in the sources'})"
         )
-    threshold = np.uint64(int(split.val_fraction * 2**64) if split.val_fraction < 1 else 2**64 - 1)
+    threshold = np.uint64(min(int(split.val_fraction * 2**64), 2**64 - 1))  # val_fraction < 1 by config
     writers = {"train": _PartWriter(out_dir / "train", split.part_bytes),
                "val": _PartWriter(out_dir / "val", split.part_bytes)}
     for d in ("train", "val"):
@@ -240,7 +240,7 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
             k = keep[offset : offset + n]
             offset += n
             s = t.column("s").to_numpy()
-            for i, doc_id, text in zip(range(n), t.column("id").to_pylist(), t.column("text").to_pylist()):
+            for i, (doc_id, text) in enumerate(zip(t.column("id").to_pylist(), t.column("text").to_pylist())):
                 if k[i]:
                     writers["val" if s[i] < threshold else "train"].add(doc_id, text)
     for w in writers.values():

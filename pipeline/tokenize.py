@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from itertools import chain
 from pathlib import Path
@@ -24,9 +25,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from pipeline.fsutil import atomic_write_json, read_json
+from pipeline.fsutil import atomic_path, atomic_write_json, read_json
 from pipeline.shards import split_summary, token_dtype, write_manifest, write_shard
-from pipeline.tokenizer import Tokenizer, _chunks
+from pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, _chunks
 
 log = logging.getLogger(__name__)
 
@@ -116,19 +117,13 @@ def tokenize_part(part: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
 def finalize(out_dir: str | os.PathLike, entries: dict[str, list[dict]], *, fingerprint: str,
              tokenizer: dict, clean_manifest: dict, config: dict) -> dict:
     """Write the dataset manifest once every shard is done (this marks the stage complete)."""
-    import shutil
-
     out_dir = Path(out_dir)
-    tok_src = Path(tokenizer["path"])
-    tok_dst = out_dir / "tokenizer.model"
+    tok_dst = out_dir / TOKENIZER_FILE
     if not tok_dst.is_file():
-        from pipeline.fsutil import atomic_path
-
         with atomic_path(tok_dst) as tmp:
-            shutil.copyfile(tok_src, tmp)
-    clean = {k: v for k, v in entries.items()}
+            shutil.copyfile(tokenizer["path"], tmp)
     splits = {}
-    for split, es in clean.items():
+    for split, es in entries.items():
         es = sorted(({k: v for k, v in e.items() if k not in ("skipped", "seconds")} for e in es),
                     key=lambda e: e["file"])
         splits[split] = split_summary(es)
@@ -136,7 +131,7 @@ def finalize(out_dir: str | os.PathLike, entries: dict[str, list[dict]], *, fing
     manifest = {
         "fingerprint": fingerprint,
         "tokenizer": {
-            "file": "tokenizer.model",
+            "file": TOKENIZER_FILE,
             "fingerprint": tokenizer["fingerprint"],
             "vocab_size": vocab,
             "eos_id": int(tokenizer["eos_id"]),

@@ -192,13 +192,9 @@ def train_tokenizer(
     if stats["sample_pieces"] == 0:
         raise ValueError("train_tokenizer: the train split holds no text to learn a vocabulary from")
     atomic_write_bytes(out_dir / TOKENIZER_FILE, proto)
-    tok = Tokenizer(proto)
+    tok = Tokenizer(proto, path=out_dir / TOKENIZER_FILE)
     manifest = {
-        "file": TOKENIZER_FILE,
-        "sha256": sha256_file(out_dir / TOKENIZER_FILE),
-        "fingerprint": tok.fingerprint,
-        "vocab_size": tok.vocab_size,
-        "eos_id": tok.eos_id,
+        **_describe(tok),
         "config": cfg.model_dump(),
         "stats": {**stats, "seconds": round(time.time() - t0, 3)},
     }
@@ -210,13 +206,17 @@ def train_tokenizer(
 def tokenizer_manifest(model_path: str | os.PathLike) -> dict:
     """Manifest for an existing tokenizer (fine-tuning reuses the base model's)."""
     tok = Tokenizer.load(model_path)
+    return {**_describe(tok), "source": str(tok.path)}
+
+
+def _describe(tok: Tokenizer) -> dict:
+    """What every tokenizer manifest records about its model file."""
     return {
         "file": TOKENIZER_FILE,
         "sha256": sha256_file(tok.path),
         "fingerprint": tok.fingerprint,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
-        "source": str(tok.path),
     }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
@@ -19,6 +19,9 @@ def http_server(tmp_path: Path) -> Iterator[TestHTTPServer]:
     with TestHTTPServer(tmp_path / "www") as server:
         yield server
 
+
+if TYPE_CHECKING:
+    from flows.services import PrefectServer
 
 SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "gutenberg"
 

@@ -16,7 +16,6 @@ Nothing is written into the repository: shards, runs and the MLflow store live u
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass

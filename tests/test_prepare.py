@@ -188,7 +188,7 @@ def test_bad_files_are_counted_and_named_while_good_data_is_kept(http_server, pr
     sources = [{"url": http_server.url(n)} for n in ("good.jsonl.zst", "cut.jsonl.zst", "bad.jsonl")]
     spec = _write_spec(tmp_path / "bad.yaml", "bad", sources)
     env = _env(prefect_server, tmp_path)
-    p = _prepare(spec, tmp_path / "out", env, "--task-runner", "thread")
+    _prepare(spec, tmp_path / "out", env, "--task-runner", "thread")
     cm = json.loads(next((tmp_path / "out" / "bad").glob("clean-*/manifest.json")).read_text())
     errs = cm["stats"]["read_errors"]
     assert errs.get("read_error.truncated", 0) == 1
