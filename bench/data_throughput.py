@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from pipeline import extract, tokenize, tokenizer  # noqa: E402
-from pipeline.config import load_corpus  # noqa: E402
-from pipeline.download import SourceSpec, fetch  # noqa: E402
-from pipeline.tokenizer import Tokenizer, _chunks  # noqa: E402
+from llmforge.pipeline import extract, tokenize, tokenizer  # noqa: E402
+from llmforge.pipeline.config import load_corpus  # noqa: E402
+from llmforge.pipeline.download import SourceSpec, fetch  # noqa: E402
+from llmforge.pipeline.tokenizer import Tokenizer, _chunks  # noqa: E402
 
 
 def take_first_mb(corpus: Path, mb: float, out: Path) -> dict[str, int]:
@@ -175,7 +175,7 @@ def _rate(rows, name) -> float:
 
 
 def run_flow(corpus: Path, args) -> list[tuple[str, float]]:
-    from flows.services import PrefectServer
+    from llmforge.flows.services import PrefectServer
 
     out = []
     with tempfile.TemporaryDirectory(prefix="llmforge-bench-flow-") as tmp:

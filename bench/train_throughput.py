@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.data import ShardBatcher
-from model.gpt import GPT, load_preset
-from model.train import DistInfo, peak_flops, resolve_device, resolve_dtype
-from pipeline.fsutil import fingerprint
-from pipeline.shards import Dataset, split_summary, token_dtype, write_manifest, write_shard
+from llmforge.model.data import ShardBatcher
+from llmforge.model.gpt import GPT, load_preset
+from llmforge.model.train import DistInfo, peak_flops, resolve_device, resolve_dtype
+from llmforge.pipeline.fsutil import fingerprint
+from llmforge.pipeline.shards import Dataset, split_summary, token_dtype, write_manifest, write_shard
 
 
 def random_dataset(root: Path, vocab_size: int, tokens: int, shards: int = 4) -> Path:

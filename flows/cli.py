@@ -19,9 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:
-            mod = importlib.import_module(f"flows.commands.{name}")
+            mod = importlib.import_module(f"llmforge.flows.commands.{name}")
         except ModuleNotFoundError as e:
-            if e.name == f"flows.commands.{name}":
+            if e.name == f"llmforge.flows.commands.{name}":
                 continue  # command not built yet
             raise
         p = sub.add_parser(

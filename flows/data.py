@@ -18,11 +18,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from pipeline import extract, tokenize, tokenizer
-from pipeline.config import CorpusSpec, load_corpus
-from pipeline.download import SourceSpec, fetch
-from pipeline.fsutil import FORMAT_VERSION, atomic_write_json, clean_temp, fingerprint, human_bytes
-from pipeline.shards import Dataset
+from llmforge.pipeline import extract, tokenize, tokenizer
+from llmforge.pipeline.config import CorpusSpec, load_corpus
+from llmforge.pipeline.download import SourceSpec, fetch
+from llmforge.pipeline.fsutil import FORMAT_VERSION, atomic_write_json, clean_temp, fingerprint, human_bytes
+from llmforge.pipeline.shards import Dataset
 
 
 # ---------------------------------------------------------------- tasks (one per unit of work)
@@ -33,14 +33,14 @@ def download_task(src: dict, dest: str, progress: bool = True) -> dict:
 
 @task(name="clean-unit", task_run_name="clean {unit[name]}")
 def clean_unit_task(unit: dict, clean_cfg: dict, out_dir: str) -> dict:
-    from pipeline.clean import CleanConfig
+    from llmforge.pipeline.clean import CleanConfig
 
     return extract.clean_unit(unit, CleanConfig(**clean_cfg), out_dir)
 
 
 @task(name="dedup-split")
 def finalize_clean_task(out_dir: str, units: list[dict], split_cfg: dict, fp: str, config: dict) -> dict:
-    from pipeline.config import SplitConfig
+    from llmforge.pipeline.config import SplitConfig
 
     return extract.finalize(out_dir, units, SplitConfig(**split_cfg), fp=fp, config=config)
 
@@ -240,7 +240,7 @@ def process_flow(spec_dict: dict, downloads: list[dict], dl_secs: float, root: s
 
 def _log_mlflow(spec: CorpusSpec, ds_dir: Path, clean_dir: Path, tok_manifest: dict, metrics: dict,
                 summary_md: str, parent_run_id: str | None) -> None:
-    from pipeline import tracking
+    from llmforge.pipeline import tracking
 
     with tracking.run(f"prepare-{spec.name}", parent_run_id=parent_run_id,
                       tags={"llmforge.stage": "prepare", "llmforge.corpus": spec.name,

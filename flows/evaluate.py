@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 @task(name="evaluate", retries=0)
 def evaluate_task(checkpoint: str, data_dir: str | None, cfg_dict: dict, out: str, device: str,
                   experiment: str, parent_run_id: str | None) -> dict:
-    from model.evaluate import EvalConfig, evaluate
+    from llmforge.model.evaluate import EvalConfig, evaluate
 
     return evaluate(checkpoint, data_dir, cfg=EvalConfig(**cfg_dict), out=out, device=device,
                     experiment=experiment, parent_run_id=parent_run_id)
@@ -50,7 +50,7 @@ def evaluate_flow(
 ) -> dict:
     """Evaluate ``checkpoint`` on the token dataset ``data_dir`` (and/or ``config["mc_file"]``);
     ``config`` holds :class:`model.evaluate.EvalConfig` fields. Returns the result dict."""
-    from model.evaluate import EvalConfig, default_result_path, result_key, stored_result
+    from llmforge.model.evaluate import EvalConfig, default_result_path, result_key, stored_result
 
     logger = get_run_logger()
     cfg = EvalConfig(**(config or {}))

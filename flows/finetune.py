@@ -26,9 +26,9 @@ def default_out_dir(mode: str, key: str, root: str = "runs") -> Path:
 
 def base_tokenizer_file(checkpoint: str | Path, root: str | Path) -> Path:
     """Write the checkpoint's embedded SentencePiece model to ``root`` (atomically, once)."""
-    from model.checkpoint import load_checkpoint
-    from model.finetune import tokenizer_fingerprint
-    from pipeline.fsutil import atomic_write_bytes
+    from llmforge.model.checkpoint import load_checkpoint
+    from llmforge.model.finetune import tokenizer_fingerprint
+    from llmforge.pipeline.fsutil import atomic_write_bytes
 
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     if ckpt.get("tokenizer") is None:
@@ -42,7 +42,7 @@ def base_tokenizer_file(checkpoint: str | Path, root: str | Path) -> Path:
 @task(name="finetune", retries=0)
 def finetune_task(checkpoint: str, data_dir: str | None, sft_file: str | None, out_dir: str, cfg_dict: dict,
                   experiment: str, parent_run_id: str | None) -> dict:
-    from model.finetune import FinetuneConfig, finetune
+    from llmforge.model.finetune import FinetuneConfig, finetune
 
     return finetune(checkpoint, data_dir=data_dir, sft_file=sft_file, out_dir=out_dir,
                     cfg=FinetuneConfig(**cfg_dict), experiment=experiment, parent_run_id=parent_run_id)
@@ -64,8 +64,8 @@ def finetune_flow(
     """Fine-tune ``checkpoint`` on exactly one of: a token dataset (``data_dir``), a
     prompt/response JSONL (``sft_file``) or raw text (``text_sources``, prepared here with the
     base tokenizer). ``config`` holds :class:`model.finetune.FinetuneConfig` fields."""
-    from model.finetune import FinetuneConfig, completed, data_identity, finetune_key
-    from pipeline.fsutil import sha256_file
+    from llmforge.model.finetune import FinetuneConfig, completed, data_identity, finetune_key
+    from llmforge.pipeline.fsutil import sha256_file
 
     logger = get_run_logger()
     cfg = FinetuneConfig(**(config or {}))
@@ -75,7 +75,7 @@ def finetune_flow(
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"{checkpoint}: base checkpoint not found")
     if text_sources is not None:
-        from flows.data import prepare_flow
+        from llmforge.flows.data import prepare_flow
 
         tok_path = base_tokenizer_file(checkpoint, shards_root)
         logger.info("preparing %s with the base model's tokenizer %s", text_sources, tok_path)

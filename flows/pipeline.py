@@ -14,10 +14,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.data import prepare_flow
-from flows.evaluate import evaluate_flow
-from flows.finetune import finetune_flow
-from flows.train import train_flow
+from llmforge.flows.data import prepare_flow
+from llmforge.flows.evaluate import evaluate_flow
+from llmforge.flows.finetune import finetune_flow
+from llmforge.flows.train import train_flow
 
 PIPELINE_TAG = "llmforge.pipeline"
 # after instruction tuning, the samples answer questions in the chat template (model/sft.py)
@@ -33,7 +33,7 @@ def _parent_run(experiment: str, name: str, params: dict[str, Any]) -> str:
     """The pipeline's MLflow parent run: the one tagged with this Prefect flow run's id, or a new one."""
     from prefect.runtime import flow_run
 
-    from pipeline import tracking
+    from llmforge.pipeline import tracking
 
     mlflow = tracking.setup(experiment)
     client = mlflow.MlflowClient()
@@ -132,7 +132,7 @@ def pipeline_flow(
             rows.append(("finetune", ft_model))
             ft_eval_cfg = {**(evaluate or {}), **(ft.get("evaluate") or {})}
             if ft.get("sft_file") and "prompts" not in (ft.get("evaluate") or {}):
-                from model.sft import format_prompt
+                from llmforge.model.sft import format_prompt
 
                 ft_eval_cfg["prompts"] = [format_prompt(q) for q in SFT_SAMPLE_QUESTIONS]
             ft_eval = evaluate_flow(ft_model, data_dir, config=ft_eval_cfg, experiment=experiment,

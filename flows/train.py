@@ -15,8 +15,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipeline.fsutil import fingerprint
-from pipeline.shards import Dataset
+from llmforge.pipeline.fsutil import fingerprint
+from llmforge.pipeline.shards import Dataset
 
 # fields that only say how a run is watched or bounded, not what it computes
 RUN_CONTROL_FIELDS = {"max_minutes", "log_every", "sample_every", "log_checkpoints", "device", "compile"}
@@ -31,7 +31,7 @@ def default_out_dir(cfg_dict: dict[str, Any], dataset_fp: str, init_from: str | 
 @task(name="train", retries=0)
 def train_task(cfg_dict: dict, data_dir: str, out_dir: str, nproc: int, init_from: str | None,
                experiment: str, parent_run_id: str | None) -> dict:
-    from model.train import TrainConfig, launch, train
+    from llmforge.model.train import TrainConfig, launch, train
 
     cfg = TrainConfig.from_dict(cfg_dict)
     if nproc > 1:
@@ -55,7 +55,7 @@ def train_flow(
     """Train ``preset`` on the token dataset at ``data_dir``; ``overrides`` are TrainConfig
     fields (``{"max_steps": 500, "model": {"n_layer": 2}}``). Returns the run summary.
     Without ``out_dir`` the run lives in ``<runs_root>/train-<preset>-<fingerprint>``."""
-    from model.train import TrainConfig
+    from llmforge.model.train import TrainConfig
 
     logger = get_run_logger()
     cfg = TrainConfig.from_dict({"preset": preset, **(overrides or {})})

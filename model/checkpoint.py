@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, read_json
+from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, read_json
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pipeline.shards import Dataset
+from llmforge.pipeline.shards import Dataset
 
 IGNORE_INDEX = -100  # targets equal to this carry no loss (matches GPT.forward's cross-entropy)
 

@@ -42,9 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.data import IGNORE_INDEX
-from pipeline.fsutil import atomic_write_json, fingerprint, sha256_file
-from pipeline.shards import Dataset
+from llmforge.model.data import IGNORE_INDEX
+from llmforge.pipeline.fsutil import atomic_write_json, fingerprint, sha256_file
+from llmforge.pipeline.shards import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def sample_generations(
     device: str | torch.device = "cpu",
 ) -> list[dict[str, str]]:
     """One completion per prompt, each seeded by ``seed + i`` so results are reproducible."""
-    from model.generate import generate
+    from llmforge.model.generate import generate
 
     out = []
     for i, prompt in enumerate(prompts):
@@ -405,8 +405,8 @@ def evaluate(
     ``cfg.mc_file`` adds multiple-choice accuracy; ``cfg.prompts`` sample generations. Any of
     them may be skipped (``data_dir=None``, ``mc_file=None``, ``prompts=()``).
     """
-    from model.generate import load_for_inference
-    from pipeline.tokenizer import Tokenizer
+    from llmforge.model.generate import load_for_inference
+    from llmforge.pipeline.tokenizer import Tokenizer
 
     cfg = cfg or EvalConfig()
     checkpoint = Path(checkpoint)
@@ -485,7 +485,7 @@ def _track(result: dict, out: str | os.PathLike | None, *, parent_run_id: str | 
     """One MLflow run per evaluation: params, metrics, the results JSON and the samples."""
     import mlflow
 
-    from pipeline import tracking
+    from llmforge.pipeline import tracking
 
     tags = {"llmforge.stage": "evaluate", "llmforge.checkpoint": result["checkpoint"]}
     if result.get("model_run_id"):

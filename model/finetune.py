@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.gpt import GPT, GPTConfig
-from model.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
-from pipeline.fsutil import atomic_path, atomic_write_json, fingerprint, read_json, sha256_file
-from pipeline.shards import Dataset
+from llmforge.model.checkpoint import load_checkpoint, save_checkpoint
+from llmforge.model.gpt import GPT, GPTConfig
+from llmforge.model.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
+from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, fingerprint, read_json, sha256_file
+from llmforge.pipeline.shards import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class FinetuneConfig:
 
     def train_config(self, **overrides: Any):
         """The :class:`model.train.TrainConfig` that runs this fine-tune."""
-        from model.train import TrainConfig
+        from llmforge.model.train import TrainConfig
 
         fields = dict(
             model={"dropout": self.dropout} if self.dropout is not None else {},
@@ -208,7 +208,7 @@ def finetune(
     """Fine-tune ``checkpoint`` on a token dataset (``data_dir``) or prompt/response JSONL
     (``sft_file``); write ``out_dir/model.pt`` and return the stage summary. Re-running on the
     same ``out_dir`` resumes an interrupted run, or returns at once when it already finished."""
-    from model.train import train
+    from llmforge.model.train import train
 
     cfg = cfg or FinetuneConfig()
     cfg.validate()
@@ -240,11 +240,11 @@ def finetune(
         tcfg = cfg.train_config(block_size=block_size)
         data_arg = data_dir
     else:
-        from model import sft
+        from llmforge.model import sft
 
         if tok_bytes is None:
             raise ValueError(f"{checkpoint}: checkpoint carries no tokenizer; cannot encode {sft_file}")
-        from pipeline.tokenizer import Tokenizer
+        from llmforge.pipeline.tokenizer import Tokenizer
 
         tok = Tokenizer(tok_bytes)
         examples, bad = sft.load_sft_jsonl(sft_file)
@@ -340,7 +340,7 @@ def _record(out: dict[str, Any], experiment: str) -> None:
     stage's own params and summary."""
     from mlflow.entities import Param, RunTag
 
-    from pipeline import tracking
+    from llmforge.pipeline import tracking
 
     mlflow = tracking.setup(experiment)
     client = mlflow.MlflowClient()

@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from model.checkpoint import CheckpointError, load_checkpoint, tokenizer_from_checkpoint
-from model.gpt import GPT, GPTConfig, KVCache
+from llmforge.model.checkpoint import CheckpointError, load_checkpoint, tokenizer_from_checkpoint
+from llmforge.model.gpt import GPT, GPTConfig, KVCache
 
 REFILL_FRACTION = 0.75  # share of block_size kept when a full KV cache is re-prefilled
 

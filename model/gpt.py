@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.fsutil import read_yaml_mapping
+from llmforge.pipeline.fsutil import read_yaml_mapping
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.data import IGNORE_INDEX, to_device
+from llmforge.model.data import IGNORE_INDEX, to_device
 
 INSTRUCTION_HEADER = "### Instruction:\n"
 INPUT_HEADER = "### Input:\n"

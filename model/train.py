@@ -36,17 +36,17 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from model.checkpoint import (
+from llmforge.model.checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
 )
-from model.data import IGNORE_INDEX, BatchSource, ShardBatcher, ShardEvalSource
-from model.gpt import GPT, GPTConfig, load_preset
-from pipeline.fsutil import atomic_path, atomic_write_json, atomic_write_text, read_json
-from pipeline.shards import Dataset
+from llmforge.model.data import IGNORE_INDEX, BatchSource, ShardBatcher, ShardEvalSource
+from llmforge.model.gpt import GPT, GPTConfig, load_preset
+from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, atomic_write_text, read_json
+from llmforge.pipeline.shards import Dataset
 
 SUMMARY_NAME = "summary.json"
 EVAL_STEP_BASE = 1 << 40  # a plugged BatchSource without eval_batches() is evaluated at these steps
@@ -290,8 +290,8 @@ def sample_texts(model: GPT, tokenizer_bytes: bytes | None, cfg: TrainConfig, de
     (``model.generate``), so the training RNG stream, and with it resume, is untouched."""
     if not tokenizer_bytes or not cfg.sample_prompts:
         return ""
-    from model.generate import generate
-    from pipeline.tokenizer import Tokenizer
+    from llmforge.model.generate import generate
+    from llmforge.pipeline.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_bytes)
     was_training = model.training
@@ -522,7 +522,7 @@ def _train(
     prepare_model: Callable[[GPT], None] | None,
     extra_lineage: dict[str, Any],
 ) -> dict[str, Any]:
-    from pipeline import tracking
+    from llmforge.pipeline import tracking
 
     t_start = time.time()
     dataset = Dataset.open(data_dir) if data_dir is not None else None
@@ -835,7 +835,7 @@ def launch(
     cfg_path = out_dir / "train_config.json"
     atomic_write_json(cfg_path, cfg.to_dict())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "model.train", "--config", str(cfg_path), "--data", str(data_dir), "--out", str(out_dir),
+           "-m", "llmforge.model.train", "--config", str(cfg_path), "--data", str(data_dir), "--out", str(out_dir),
            "--experiment", experiment]
     if init_from:
         cmd += ["--init-from", str(init_from)]

@@ -17,11 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.clean import CleanConfig
-from pipeline.download import SourceSpec
-from pipeline.fsutil import read_yaml_mapping
-from pipeline.tokenize import TokenizeConfig
-from pipeline.tokenizer import TokenizerConfig
+from llmforge.pipeline.clean import CleanConfig
+from llmforge.pipeline.download import SourceSpec
+from llmforge.pipeline.fsutil import read_yaml_mapping
+from llmforge.pipeline.tokenize import TokenizeConfig
+from llmforge.pipeline.tokenizer import TokenizerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"

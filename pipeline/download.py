@@ -38,7 +38,7 @@ import urllib3
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from pipeline.fsutil import atomic_write_json, read_json, sha256_file
+from llmforge.pipeline.fsutil import atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 

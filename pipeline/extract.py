@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline.clean import CleanConfig, clean_document
-from pipeline.config import CorpusSpec, SplitConfig
-from pipeline.download import select_files
-from pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, fingerprint, read_json, FORMAT_VERSION
-from pipeline.readers import ReadStats, iter_documents
+from llmforge.pipeline.clean import CleanConfig, clean_document
+from llmforge.pipeline.config import CorpusSpec, SplitConfig
+from llmforge.pipeline.download import select_files
+from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, fingerprint, read_json, FORMAT_VERSION
+from llmforge.pipeline.readers import ReadStats, iter_documents
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pipeline.fsutil import FORMAT_VERSION, atomic_path, atomic_write_json, read_json, sha256_file
+from llmforge.pipeline.fsutil import FORMAT_VERSION, atomic_path, atomic_write_json, read_json, sha256_file
 
 SHARD_FORMAT = "llmforge.tokens"
 MANIFEST_NAME = "manifest.json"

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from pipeline.fsutil import atomic_path, atomic_write_json, read_json
-from pipeline.shards import split_summary, token_dtype, write_manifest, write_shard
-from pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, _chunks
+from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, read_json
+from llmforge.pipeline.shards import split_summary, token_dtype, write_manifest, write_shard
+from llmforge.pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, _chunks
 
 log = logging.getLogger(__name__)
 

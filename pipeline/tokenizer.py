@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from llmforge.pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 

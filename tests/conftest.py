@@ -21,7 +21,7 @@ def http_server(tmp_path: Path) -> Iterator[TestHTTPServer]:
 
 
 if TYPE_CHECKING:
-    from flows.services import PrefectServer
+    from llmforge.flows.services import PrefectServer
 
 SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "gutenberg"
 
@@ -29,7 +29,7 @@ SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory) -> Iterator["PrefectServer"]:
     """A real Prefect server (SQLite, 127.0.0.1, free port, private PREFECT_HOME) for the session."""
-    from flows.services import PrefectServer
+    from llmforge.flows.services import PrefectServer
 
     server = PrefectServer(tmp_path_factory.mktemp("prefect-home")).start()
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import (
+from llmforge.model.checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng_state,
@@ -20,7 +20,7 @@ from model.checkpoint import (
     save_checkpoint,
     tokenizer_from_checkpoint,
 )
-from model.gpt import GPT, GPTConfig
+from llmforge.model.gpt import GPT, GPTConfig
 
 torch.set_num_threads(1)
 
@@ -222,7 +222,7 @@ def test_empty_directory_has_no_latest(tmp_path: Path):
 
 
 def test_checkpoint_carries_its_tokenizer(tmp_path: Path):
-    from pipeline.tokenizer import TokenizerConfig, train_sentencepiece
+    from llmforge.pipeline.tokenizer import TokenizerConfig, train_sentencepiece
 
     text = ["the quick brown fox jumps over the lazy dog. café déjà vu, 日本語のテキスト\n"] * 50
     proto = train_sentencepiece(text, TokenizerConfig(vocab_size=300, threads=1))

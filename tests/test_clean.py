@@ -8,8 +8,8 @@ from collections import Counter
 import pydantic
 import pytest
 
-from pipeline.clean import REASONS, CleanConfig, clean_document, normalize, quality_reason
-from pipeline.readers import ReadStats, iter_documents
+from llmforge.pipeline.clean import REASONS, CleanConfig, clean_document, normalize, quality_reason
+from llmforge.pipeline.readers import ReadStats, iter_documents
 
 try:
     from support.corpora import gutenberg_shards, sample_texts

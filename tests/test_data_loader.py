@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import IGNORE_INDEX, ShardBatcher, ShardEvalSource, iter_eval_batches
-from pipeline.shards import Dataset
+from llmforge.model.data import IGNORE_INDEX, ShardBatcher, ShardEvalSource, iter_eval_batches
+from llmforge.pipeline.shards import Dataset
 
 try:
     from support.tinydata import tiny_dataset

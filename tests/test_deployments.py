@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from flows.services import PrefectWorker, prefect_cli
+from llmforge.flows.services import PrefectWorker, prefect_cli
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from pipeline.download import DownloadError, SourceSpec, fetch, fetch_all
+from llmforge.pipeline.download import DownloadError, SourceSpec, fetch, fetch_all
 
 try:
     from support.http import Fault, TestHTTPServer

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import capture_rng_state, save_checkpoint
-from model.data import ShardBatcher
-from model.evaluate import (
+from llmforge.model.checkpoint import capture_rng_state, save_checkpoint
+from llmforge.model.data import ShardBatcher
+from llmforge.model.evaluate import (
     EvalConfig,
     evaluate,
     load_mc_jsonl,
@@ -29,10 +29,10 @@ from model.evaluate import (
     split_stream,
     windows,
 )
-from model.gpt import GPT, GPTConfig
-from pipeline.fsutil import fingerprint
-from pipeline.shards import Dataset, split_summary, token_dtype, write_manifest, write_shard
-from pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerConfig, train_sentencepiece
+from llmforge.model.gpt import GPT, GPTConfig
+from llmforge.pipeline.fsutil import fingerprint
+from llmforge.pipeline.shards import Dataset, split_summary, token_dtype, write_manifest, write_shard
+from llmforge.pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerConfig, train_sentencepiece
 
 torch.set_num_threads(1)
 DATA = Path(__file__).parent / "data"

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import sft
-from model.checkpoint import load_checkpoint
-from model.finetune import FinetuneConfig, finetune
-from model.generate import load_for_inference
-from model.gpt import GPT
-from pipeline.fsutil import read_json
+from llmforge.model import sft
+from llmforge.model.checkpoint import load_checkpoint
+from llmforge.model.finetune import FinetuneConfig, finetune
+from llmforge.model.generate import load_for_inference
+from llmforge.model.gpt import GPT
+from llmforge.pipeline.fsutil import read_json
 from test_evaluate import fit, make_dataset, make_texts, make_tokenizer, save_model, tiny_config
 
 torch.set_num_threads(1)
@@ -45,7 +45,7 @@ def pretrained(tmp_path_factory, tok) -> dict:
 
 def base_checkpoint(tmp_path: Path, tok, *, block_size: int = 32, state: dict | None = None) -> tuple[Path, str]:
     """A base model with an MLflow run of its own, like `llmforge train` leaves behind."""
-    from pipeline import tracking
+    from llmforge.pipeline import tracking
 
     with tracking.run("train-base", tags={"llmforge.stage": "train"}) as r:
         run_id = r.info.run_id

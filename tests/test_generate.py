@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import main as cli_main
-from flows.commands.generate import IncrementalDecoder
-from model.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, save_checkpoint
-from model.generate import generate, load_for_inference, sample_next
-from model.gpt import GPT, GPTConfig
+from llmforge.flows.cli import main as cli_main
+from llmforge.flows.commands.generate import IncrementalDecoder
+from llmforge.model.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, save_checkpoint
+from llmforge.model.generate import generate, load_for_inference, sample_next
+from llmforge.model.gpt import GPT, GPTConfig
 
 torch.set_num_threads(1)
 
@@ -32,7 +32,7 @@ def tiny_model(vocab: int = 400, block: int = 48, seed: int = 0) -> GPT:
 
 @pytest.fixture(scope="module")
 def tokenizer_proto() -> bytes:
-    from pipeline.tokenizer import TokenizerConfig, train_sentencepiece
+    from llmforge.pipeline.tokenizer import TokenizerConfig, train_sentencepiece
 
     return train_sentencepiece([TEXT] * 40, TokenizerConfig(vocab_size=400, character_coverage=0.98, threads=1))
 
@@ -121,7 +121,7 @@ def test_stream_needs_a_single_sequence():
 
 
 def test_incremental_decoder_prints_multibyte_text_exactly(tokenizer_proto):
-    from pipeline.tokenizer import Tokenizer
+    from llmforge.pipeline.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_proto)
     ids = tok.encode(TEXT)
@@ -163,7 +163,7 @@ def test_load_for_inference_rejects_weights_that_do_not_match_the_config(tmp_pat
 
 
 def test_cli_streams_the_same_text_greedy_generation_produces(tmp_path, tokenizer_proto, capsys):
-    from pipeline.tokenizer import Tokenizer
+    from llmforge.pipeline.tokenizer import Tokenizer
 
     m = tiny_model()
     path = _checkpoint(tmp_path, tokenizer_proto, m)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.gpt import GPT, GPTConfig, MuonWithAdamW, load_preset
+from llmforge.model.gpt import GPT, GPTConfig, MuonWithAdamW, load_preset
 
 torch.set_num_threads(1)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model.gpt import GPT, GPTConfig
-from model.lora import LoRALinear, apply_lora, count_trainable, lora_state_dict, merge_lora
+from llmforge.model.gpt import GPT, GPTConfig
+from llmforge.model.lora import LoRALinear, apply_lora, count_trainable, lora_state_dict, merge_lora
 
 torch.set_num_threads(1)
 

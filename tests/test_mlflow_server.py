@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from flows.services import MlflowServer
+from llmforge.flows.services import MlflowServer
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ TINY = ["--set", "batch_size=8", "--set", "eval_every=0", "--set", "eval_tokens=
 
 
 def llmforge(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env={**os.environ, **env}, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "llmforge", *args], env={**os.environ, **env}, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 

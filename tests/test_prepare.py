@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.fsutil import sha256_file
-from pipeline.shards import Dataset
-from pipeline.tokenizer import Tokenizer
+from llmforge.pipeline.fsutil import sha256_file
+from llmforge.pipeline.shards import Dataset
+from llmforge.pipeline.tokenizer import Tokenizer
 from support.corpora import sample_texts, write_jsonl, write_openwebtext_tar, write_parquet
 
 LLMFORGE = str(Path(sys.executable).parent / "llmforge")
@@ -216,8 +216,8 @@ def test_stage_fails_saying_why_when_no_usable_document_remains(http_server, pre
 @pytest.mark.slow
 def test_every_gutenberg_document_decodes_from_the_shards_to_its_cleaned_text(shared_corpus, tmp_path):
     """The stages without Prefect, on a real corpus sample (one shard of ../shared books)."""
-    from pipeline import extract, tokenize, tokenizer
-    from pipeline.config import load_corpus
+    from llmforge.pipeline import extract, tokenize, tokenizer
+    from llmforge.pipeline.config import load_corpus
 
     src = tmp_path / "books"
     src.mkdir()
@@ -237,7 +237,7 @@ def test_every_gutenberg_document_decodes_from_the_shards_to_its_cleaned_text(sh
     for split in ("train", "val"):
         for part in extract.part_paths(out, cm, split):
             entry = tokenize.tokenize_part(part, tmp_path / "ds" / split, tmp_path / "tok" / "tokenizer.model")
-            shard = __import__("pipeline.shards", fromlist=["Shard"]).Shard(tmp_path / "ds" / split / entry["file"])
+            shard = __import__("llmforge.pipeline.shards", fromlist=["Shard"]).Shard(tmp_path / "ds" / split / entry["file"])
             t = pq.read_table(part)
             assert shard.ids == t.column("id").to_pylist()
             for i, text in enumerate(t.column("text").to_pylist()):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pipeline.readers import RawDoc, ReadStats, detect_format, iter_documents
+from llmforge.pipeline.readers import RawDoc, ReadStats, detect_format, iter_documents
 
 try:
     from support.corpora import (
@@ -532,7 +532,7 @@ def test_missing_path_is_a_configuration_error(tmp_path):
 def test_read_errors_are_logged_and_bounded(tmp_path, caplog):
     path = tmp_path / "bad.jsonl"
     path.write_text("{oops\n" * 250)
-    with caplog.at_level(logging.WARNING, logger="pipeline.readers"):
+    with caplog.at_level(logging.WARNING, logger="llmforge.pipeline.readers"):
         out, stats = read(path)
     assert out == [] and stats.counts["read_error.bad_json"] == 250
     assert len(stats.errors) == 100 and stats.n_errors == 250

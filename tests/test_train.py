@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import CheckpointManager, load_checkpoint
-from model.data import IGNORE_INDEX, ShardBatcher
-from model.train import TrainConfig, TrainingDiverged, launch, lr_factor, train
-from pipeline.shards import Dataset
+from llmforge.model.checkpoint import CheckpointManager, load_checkpoint
+from llmforge.model.data import IGNORE_INDEX, ShardBatcher
+from llmforge.model.train import TrainConfig, TrainingDiverged, launch, lr_factor, train
+from llmforge.pipeline.shards import Dataset
 
 try:
     from support.tinydata import tiny_dataset
@@ -53,7 +53,7 @@ def small_cfg(**kw) -> TrainConfig:
 def client():
     import mlflow
 
-    from pipeline import tracking
+    from llmforge.pipeline import tracking
 
     tracking.setup()
     return mlflow.MlflowClient()
@@ -69,9 +69,9 @@ DRIVER = textwrap.dedent("""
     import os, signal, sys, json
     import torch
     torch.set_num_threads(1)
-    from model.data import ShardBatcher
-    from model.train import TrainConfig, train
-    from pipeline.shards import Dataset
+    from llmforge.model.data import ShardBatcher
+    from llmforge.model.train import TrainConfig, train
+    from llmforge.pipeline.shards import Dataset
 
     data, out, kill_step, cfg_json = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     cfg = TrainConfig.from_dict(json.loads(cfg_json))
@@ -250,7 +250,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(tmp_path: Path,
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "train", "--data", str(data), "--out", str(out), "--no-prefect",
+        [sys.executable, "-m", "llmforge", "train", "--data", str(data), "--out", str(out), "--no-prefect",
          "--set", "n_layer=2", "--set", "n_embd=64", "--set", "n_head=2", "--block-size", "32",
          "--batch-size", "4", "--max-steps", "100000", "--log-every", "1", "--eval-every", "0",
          "--ckpt-every", "0", "--device", "cpu"],
@@ -322,7 +322,7 @@ def test_rejects_unknown_options_and_bad_values() -> None:
 # ---------------------------------------------------------------------------------- CLI and flow
 
 def test_cli_help_explains_every_option() -> None:
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "llmforge", "train", "--help"], capture_output=True, text=True,
                          check=True).stdout
     for opt in ("--data", "--preset", "--max-steps", "--out", "--nproc", "--max-minutes", "--batch-size", "--lr",
                 "--device", "--compile", "--optimizer", "--no-prefect", "--set", "--init-from", "--grad-accum"):
@@ -331,7 +331,7 @@ def test_cli_help_explains_every_option() -> None:
 
 
 def test_cli_reports_a_missing_dataset_clearly(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--data", str(tmp_path / "nope"), "--no-prefect"],
+    r = subprocess.run([sys.executable, "-m", "llmforge", "train", "--data", str(tmp_path / "nope"), "--no-prefect"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no manifest.json" in r.stderr and str(tmp_path / "nope") in r.stderr
 
@@ -340,7 +340,7 @@ FLOW = textwrap.dedent("""
     import json, sys
     import torch
     torch.set_num_threads(1)
-    from flows.train import train_flow
+    from llmforge.flows.train import train_flow
     cfg = json.loads(sys.argv[2])
     # a run cut short (as a crash or a time limit would), then the same flow run again
     first = train_flow(data_dir=sys.argv[1], preset="tiny", overrides={**cfg, "max_minutes": 0.01})

@@ -57,8 +57,8 @@ def _print(result: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.checkpoint import CheckpointError
-    from model.evaluate import DEFAULT_PROMPTS, EvalConfig
+    from llmforge.model.checkpoint import CheckpointError
+    from llmforge.model.evaluate import DEFAULT_PROMPTS, EvalConfig
 
     if args.data is None and args.mc is None:
         print("error: give --data SHARD_DIR and/or --mc FILE.jsonl (something to evaluate on)", file=sys.stderr)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, seed=args.seed)
     try:
         if args.no_prefect:
-            from model.evaluate import default_result_path, evaluate, result_key, stored_result
+            from llmforge.model.evaluate import default_result_path, evaluate, result_key, stored_result
 
             key = result_key(args.checkpoint, args.data, cfg)
             out = args.out or default_result_path(args.checkpoint, key)
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 result = evaluate(args.checkpoint, args.data, cfg=cfg, out=out, device=args.device,
                                   experiment=args.experiment)
         else:
-            from flows.evaluate import evaluate_flow
+            from llmforge.flows.evaluate import evaluate_flow
 
             result = evaluate_flow(args.checkpoint, args.data, out=args.out, config=cfg.to_dict(),
                                    device=args.device, experiment=args.experiment)

@@ -72,9 +72,9 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.checkpoint import CheckpointError
-    from model.finetune import FinetuneConfig
-    from model.train import TrainingDiverged
+    from llmforge.model.checkpoint import CheckpointError
+    from llmforge.model.finetune import FinetuneConfig
+    from llmforge.model.train import TrainingDiverged
 
     config = config_from_args(args)
     try:
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         if args.no_prefect:
             summary = _run_direct(args, config)
         else:
-            from flows.finetune import finetune_flow
+            from llmforge.flows.finetune import finetune_flow
 
             summary = finetune_flow(args.checkpoint, data_dir=args.data, sft_file=args.sft, text_sources=args.text,
                                     out_dir=args.out, config=config, shards_root=args.shards_root,
@@ -112,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_direct(args: argparse.Namespace, config: dict) -> dict:
-    from flows.finetune import default_out_dir
-    from model.finetune import FinetuneConfig, data_identity, finetune, finetune_key
-    from pipeline.fsutil import sha256_file
+    from llmforge.flows.finetune import default_out_dir
+    from llmforge.model.finetune import FinetuneConfig, data_identity, finetune, finetune_key
+    from llmforge.pipeline.fsutil import sha256_file
 
     if args.text:
         raise ValueError("--text prepares data through the Prefect flows; drop --no-prefect, or prepare it with "

@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from model.checkpoint import CheckpointError
-    from model.generate import generate, load_for_inference
-    from pipeline.tokenizer import Tokenizer
+    from llmforge.model.checkpoint import CheckpointError
+    from llmforge.model.generate import generate, load_for_inference
+    from llmforge.pipeline.tokenizer import Tokenizer
 
     if args.max_new_tokens < 0:
         print("error: --max-new-tokens must be >= 0", file=sys.stderr)

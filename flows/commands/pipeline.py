@@ -51,7 +51,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.pipeline import pipeline_flow
+    from llmforge.flows.pipeline import pipeline_flow
 
     finetune = None
     if args.sft or args.finetune_text:

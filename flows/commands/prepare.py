@@ -42,7 +42,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.data import prepare_flow
+    from llmforge.flows.data import prepare_flow
 
     overrides = {}
     if args.format:

@@ -33,7 +33,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline import tracking
+    from llmforge.pipeline import tracking
 
     if args.last < 0:
         print(f"--last must be >= 0 (got {args.last})", file=sys.stderr)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mlflow import MlflowClient
 
-    from model.runs import format_table, query
+    from llmforge.model.runs import format_table, query
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:

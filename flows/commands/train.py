@@ -100,9 +100,9 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.train import TrainConfig, TrainingDiverged, launch, train
-    from pipeline import tracking
-    from pipeline.shards import Dataset
+    from llmforge.model.train import TrainConfig, TrainingDiverged, launch, train
+    from llmforge.pipeline import tracking
+    from llmforge.pipeline.shards import Dataset
 
     try:
         overrides = _overrides(args)
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     in_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         if args.no_prefect or in_torchrun:
-            from flows.train import default_out_dir
+            from llmforge.flows.train import default_out_dir
 
             out = args.out or str(default_out_dir(cfg.to_dict(), dataset.fingerprint, args.init_from))
             if args.nproc > 1 and not in_torchrun:
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 summary = train(cfg, args.data, out, init_from=args.init_from, experiment=args.experiment)
         else:
-            from flows.train import train_flow
+            from llmforge.flows.train import train_flow
 
             summary = train_flow(data_dir=args.data, preset=args.preset, out_dir=args.out,
                                  overrides={k: v for k, v in overrides.items() if k != "preset"},

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.fsutil import atomic_dir, atomic_write_bytes, fingerprint
-from pipeline.shards import split_summary, token_dtype, write_manifest, write_shard
+from llmforge.pipeline.fsutil import atomic_dir, atomic_write_bytes, fingerprint
+from llmforge.pipeline.shards import split_summary, token_dtype, write_manifest, write_shard
 
 # plain-text-heavy, stable stdlib modules; read in this order
 MODULES = [
@@ -54,7 +54,7 @@ def build_tiny_dataset(
 ) -> Path:
     """Write a complete token dataset directory at ``root`` (manifest last, atomically), with a
     tokenizer trained by the project's own trainer (``pipeline.tokenizer``)."""
-    from pipeline.tokenizer import TokenizerConfig, Tokenizer, sample_texts, train_sentencepiece
+    from llmforge.pipeline.tokenizer import TokenizerConfig, Tokenizer, sample_texts, train_sentencepiece
 
     docs = corpus_documents(max_bytes)
     tcfg = TokenizerConfig(vocab_size=vocab_size, threads=1)
