@@ -27,7 +27,7 @@ import torch
 
 from llmforge.model.data import ShardBatcher
 from llmforge.model.gpt import GPT, load_preset
-from llmforge.model.train import DistInfo, peak_flops, resolve_device, resolve_dtype
+from llmforge.model.runtime import DistInfo, peak_flops, resolve_device, resolve_dtype
 from llmforge.pipeline.fsutil import fingerprint
 from llmforge.pipeline.shards import Dataset, split_summary, token_dtype, write_manifest, write_shard
 

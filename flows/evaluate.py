@@ -1,27 +1,26 @@
-"""The evaluate flow: one Prefect task that runs :func:`model.evaluate.evaluate`.
+"""The evaluate flow: one Prefect task that runs the evaluate stage.
 
-Thin wiring only. The result file defaults to ``<checkpoint dir>/eval/<checkpoint stem>-<key>.json``
-where the key is the fingerprint of (checkpoint sha256, dataset fingerprint, evaluation config,
-multiple-choice file sha256); when that file exists with the same key the flow returns it
-without loading the model, so re-running a pipeline never re-evaluates what it already has.
+Thin wiring only: :class:`~llmforge.model.evaluate.EvalStage` keys an evaluation by the
+checkpoint's bytes, the data and the settings, so re-running a pipeline never re-evaluates what
+it already has.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from llmforge import tracking
+from llmforge.console import say
+from llmforge.model.evaluate import EvalConfig, EvalStage
 
 
-@task(name="evaluate", retries=0)
-def evaluate_task(checkpoint: str, data_dir: str | None, cfg_dict: dict, out: str, device: str,
-                  experiment: str, parent_run_id: str | None) -> dict:
-    from llmforge.model.evaluate import EvalConfig, evaluate
-
-    return evaluate(checkpoint, data_dir, cfg=EvalConfig(**cfg_dict), out=out, device=device,
-                    experiment=experiment, parent_run_id=parent_run_id)
+@task(name="evaluate", retries=0, cache_policy=NO_CACHE)
+def evaluate_task(stage: EvalStage, experiment: str, parent_run_id: str | None) -> dict:
+    return stage.run(experiment=experiment, parent_run_id=parent_run_id)
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
@@ -37,30 +36,23 @@ def summary_markdown(result: dict[str, Any]) -> str:
     return f"### evaluate\n\n| | |\n|---|---|\n{table}\n"
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate")
 def evaluate_flow(
     checkpoint: str,
     data_dir: str | None = None,
     *,
-    out: str | None = None,
     config: dict[str, Any] | None = None,
-    device: str = "auto",
-    experiment: str = "llmforge",
+    out: str | None = None,
+    experiment: str = tracking.EXPERIMENT,
     parent_run_id: str | None = None,
 ) -> dict:
     """Evaluate ``checkpoint`` on the token dataset ``data_dir`` (and/or ``config["mc_file"]``);
-    ``config`` holds :class:`model.evaluate.EvalConfig` fields. Returns the result dict."""
-    from llmforge.model.evaluate import EvalConfig, default_result_path, result_key, stored_result
-
-    logger = get_run_logger()
-    cfg = EvalConfig(**(config or {}))
-    key = result_key(checkpoint, data_dir, cfg)
-    target = Path(out) if out else default_result_path(checkpoint, key)
-    if (done := stored_result(target, key)) is not None:
-        logger.info("evaluation %s already done: %s (skipped)", key, target)
+    ``config`` holds :class:`~llmforge.model.evaluate.EvalConfig` fields. Returns the result."""
+    stage = EvalStage(checkpoint, data_dir, EvalConfig.load(config, source="evaluate config"), out=out)
+    if (done := stage.completed()) is not None:
+        say(f"evaluate: {stage.result_path} already holds this evaluation (skipped)")
         return {**done, "skipped": True}
-    result = evaluate_task(str(checkpoint), str(data_dir) if data_dir else None, cfg.to_dict(), str(target),
-                           device, experiment, parent_run_id)
+    result = evaluate_task(stage, experiment, parent_run_id)
     create_markdown_artifact(key="evaluate-summary", markdown=summary_markdown(result),
                              description="evaluation results")
     return result

@@ -1,7 +1,7 @@
 """The whole DAG as one flow: prepare -> train -> evaluate -> finetune (optional) -> evaluate.
 
-Each stage is a subflow that skips itself when its fingerprinted output exists, so re-running
-(or retrying) a failed pipeline run redoes only what is missing, and training continues from its
+Each stage is a subflow that skips itself when its output is complete, so re-running (or
+retrying) a failed pipeline run redoes only what is missing, and training continues from its
 newest checkpoint. MLflow gets one parent run per pipeline run (reused when Prefect retries the
 same flow run) with a child run per stage.
 """
@@ -11,15 +11,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow
 
+from llmforge import tracking
+from llmforge.console import say
 from llmforge.flows.data import prepare_flow
 from llmforge.flows.evaluate import evaluate_flow
 from llmforge.flows.finetune import finetune_flow
 from llmforge.flows.train import train_flow
+from llmforge.model.evaluate import eval_metrics
 
-PIPELINE_TAG = "llmforge.pipeline"
 # after instruction tuning, the samples answer questions in the chat template (model/sft.py)
 SFT_SAMPLE_QUESTIONS = (
     "What is the Python module `json` for?",
@@ -29,56 +30,12 @@ SFT_SAMPLE_QUESTIONS = (
 )
 
 
-def _parent_run(experiment: str, name: str, params: dict[str, Any]) -> str:
-    """The pipeline's MLflow parent run: the one tagged with this Prefect flow run's id, or a new one."""
-    from prefect.runtime import flow_run
-
-    from llmforge.pipeline import tracking
-
-    mlflow = tracking.setup(experiment)
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    fr_id = str(flow_run.id or "")
-    if fr_id:
-        found = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{fr_id}'", max_results=1)
-        if found:
-            client.update_run(found[0].info.run_id, status="RUNNING")
-            return found[0].info.run_id
-    run = client.create_run(exp.experiment_id, run_name=name,
-                            tags={PIPELINE_TAG: "true", "prefect.flow_run_id": fr_id, "llmforge.stage": "pipeline"})
-    for k, v in tracking.flatten(params).items():
-        client.log_param(run.info.run_id, k, str(v)[:6000])
-    return run.info.run_id
-
-
-def _finish_parent(run_id: str, metrics: dict[str, float], status: str, summary_md: str | None = None) -> None:
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    for k, v in metrics.items():
-        if v is not None:
-            client.log_metric(run_id, k, float(v))
-    if summary_md:
-        client.log_text(run_id, summary_md, "pipeline_summary.md")
-    client.set_terminated(run_id, status=status)
-
-
-def _eval_metrics(prefix: str, result: dict) -> dict[str, float]:
-    out = {}
-    for split, r in result.items():
-        if isinstance(r, dict) and "bits_per_byte" in r:
-            out[f"{prefix}{split}_loss"] = r["loss"]
-            out[f"{prefix}{split}_bpb"] = r["bits_per_byte"]
-            out[f"{prefix}{split}_ppl"] = r["perplexity"]
-    if mc := result.get("multiple_choice"):
-        out[f"{prefix}mc_acc_norm"] = mc["acc_norm"]
-    return out
-
-
-@flow(name="llm-pipeline", log_prints=True)
+@flow(name="llm-pipeline")
 def pipeline_flow(
     corpus: str = "quickstart",
-    preset: str = "tiny",
+    recipe: str | None = None,
+    preset: str | None = None,
+    model: dict[str, Any] | None = None,
     train: dict[str, Any] | None = None,
     evaluate: dict[str, Any] | None = None,
     finetune: dict[str, Any] | None = None,
@@ -88,66 +45,88 @@ def pipeline_flow(
     nproc: int = 1,
     shards: str = "shards",
     runs: str = "runs",
-    experiment: str = "llmforge",
+    experiment: str = tracking.EXPERIMENT,
 ) -> dict:
     """Corpus to evaluated (and optionally fine-tuned) model.
 
-    ``train``: TrainConfig overrides (``{"max_steps": 2000, "batch_size": 16}``);
-    ``evaluate``: EvalConfig fields; ``finetune``: ``None`` to skip, or
-    ``{"sft_file": PATH}`` / ``{"text_sources": [...]}`` / ``{"data_dir": DIR}`` plus ``"config"``
-    (FinetuneConfig fields, e.g. ``{"mode": "lora", "max_steps": 200}``).
+    ``recipe``: a training recipe (name in configs/train or a YAML path); ``preset``, ``model``
+    and ``train`` override it (``train={"max_steps": 2000}``); ``evaluate``: EvalConfig fields;
+    ``finetune``: ``None`` to skip, or FinetuneConfig fields with one data source
+    (``{"sft": PATH, "mode": "lora", "train": {"max_steps": 200}}``).
     """
-    logger = get_run_logger()
+    from prefect.runtime import flow_run
+
     t0 = time.time()
-    params = {"corpus": corpus, "preset": preset, "train": train or {}, "evaluate": evaluate or {},
-              "finetune": finetune or {}, "vocab_size": vocab_size, "nproc": nproc}
-    parent = _parent_run(experiment, f"pipeline-{corpus}-{preset}", params)
-    metrics: dict[str, float] = {}
-    rows = []
-    ft_model = None
+    params = {"corpus": corpus, "recipe": recipe, "preset": preset, "model": model or {}, "train": train or {},
+              "evaluate": evaluate or {}, "finetune": finetune or {}, "vocab_size": vocab_size, "nproc": nproc}
+    label = recipe or preset or "tiny"
+    parent = tracking.pipeline_run(experiment, tracking.run_name("pipeline", corpus, label), params,
+                                   str(flow_run.id or ""), tags={tracking.TAG_CORPUS: corpus, tracking.TAG_RECIPE: label})
+    metrics: dict[str, float | None] = {}
+    rows: list[tuple[str, str]] = []
+    ckpt = ft_model = data_dir = None
+    status = "FINISHED"
     try:
         prepared = prepare_flow(corpus=corpus, out=shards, vocab_size=vocab_size, workers=workers,
-                                task_runner=task_runner, progress=False, parent_run_id=parent)
+                                task_runner=task_runner, progress=False, parent_run_id=parent.run_id,
+                                experiment=experiment)
         data_dir = prepared["dataset"]
         rows.append(("prepare", data_dir))
 
-        summary = train_flow(data_dir=data_dir, preset=preset, overrides=train, nproc=nproc,
-                             experiment=experiment, parent_run_id=parent, runs_root=runs)
+        summary = train_flow(data_dir=data_dir, recipe=recipe, preset=preset, model=model, train=train, nproc=nproc,
+                             experiment=experiment, parent_run_id=parent.run_id, runs_root=runs)
         ckpt = summary["checkpoint"]
-        metrics.update({"train_loss": summary.get("train_loss"), "val_loss": summary.get("val_loss"),
-                        "tokens_per_s": summary.get("tokens_per_s"), "train_steps": summary.get("step")})
+        metrics.update({tracking.TRAIN_LOSS: summary.get("train_loss"), tracking.TOKENS_PER_S: summary.get("tokens_per_s"),
+                        "train_steps": summary.get("step")})
         rows.append(("train", ckpt))
+        if summary.get("status") not in ("completed", None):
+            status = "KILLED"
+            say(f"pipeline: training stopped early ({summary['status']}); run the pipeline again to resume it")
+            return _finish(parent, metrics, rows, status, t0, data_dir, ckpt, None)
 
-        result = evaluate_flow(ckpt, data_dir, config=evaluate, experiment=experiment, parent_run_id=parent)
-        metrics.update(_eval_metrics("eval_", result))
-        rows.append(("evaluate", result.get("out") or result.get("path") or "done"))
+        result = evaluate_flow(ckpt, data_dir, config=evaluate, experiment=experiment, parent_run_id=parent.run_id)
+        metrics.update(eval_metrics(result, "val"))
+        rows.append(("evaluate", result.get("out") or "done"))
 
         if finetune:
             ft = dict(finetune)
-            ft_summary = finetune_flow(ckpt, data_dir=ft.get("data_dir"), sft_file=ft.get("sft_file"),
-                                       text_sources=ft.get("text_sources"), config=ft.get("config"),
-                                       shards_root=shards, runs_root=runs, experiment=experiment,
-                                       parent_run_id=parent)
+            ft_summary = finetune_flow(ckpt, config=ft, shards_root=shards, runs_root=runs, experiment=experiment,
+                                       parent_run_id=parent.run_id)
+            if ft_summary.get("status") != "completed":
+                status = "KILLED"
+                return _finish(parent, metrics, rows, status, t0, data_dir, ckpt, None)
             ft_model = ft_summary["model"]
             rows.append(("finetune", ft_model))
-            ft_eval_cfg = {**(evaluate or {}), **(ft.get("evaluate") or {})}
-            if ft.get("sft_file") and "prompts" not in (ft.get("evaluate") or {}):
+            ft_eval_cfg = dict(evaluate or {})
+            if ft.get("sft") and "prompts" not in ft_eval_cfg:
                 from llmforge.model.sft import format_prompt
 
                 ft_eval_cfg["prompts"] = [format_prompt(q) for q in SFT_SAMPLE_QUESTIONS]
             ft_eval = evaluate_flow(ft_model, data_dir, config=ft_eval_cfg, experiment=experiment,
-                                    parent_run_id=parent)
-            metrics.update(_eval_metrics("ft_eval_", ft_eval))
-            rows.append(("evaluate finetuned", "done"))
-    except BaseException:
-        _finish_parent(parent, {**metrics, "duration_s": time.time() - t0}, "FAILED")
+                                    parent_run_id=parent.run_id)
+            metrics.update(eval_metrics(ft_eval, "val", prefix="ft/"))
+            rows.append(("evaluate finetuned", ft_eval.get("out") or "done"))
+    except KeyboardInterrupt:
+        _finish(parent, metrics, rows, "KILLED", t0, data_dir, ckpt, ft_model)
         raise
-    metrics["duration_s"] = time.time() - t0
+    except BaseException:
+        _finish(parent, metrics, rows, "FAILED", t0, data_dir, ckpt, ft_model)
+        raise
+    return _finish(parent, metrics, rows, status, t0, data_dir, ckpt, ft_model)
+
+
+def _finish(parent: tracking.StageRun, metrics: dict, rows: list, status: str, t0: float, data_dir: Any, ckpt: Any,
+            ft_model: Any) -> dict:
+    from prefect.artifacts import create_markdown_artifact
+
+    metrics[tracking.DURATION_S] = time.time() - t0
+    parent.metrics(metrics)
     md = "### llm-pipeline\n\n| stage | output |\n|---|---|\n" + "\n".join(f"| {a} | `{b}` |" for a, b in rows)
     md += "\n\n| metric | value |\n|---|---|\n" + "\n".join(
         f"| {k} | {v:.4g} |" for k, v in metrics.items() if v is not None)
-    create_markdown_artifact(key="pipeline-summary", markdown=md, description="pipeline run summary")
-    _finish_parent(parent, metrics, "FINISHED", md)
-    logger.info("pipeline finished in %.0fs: %s", metrics["duration_s"], rows[-1][1])
-    return {"mlflow_run_id": parent, "dataset": data_dir, "checkpoint": ckpt, "metrics": metrics,
-            "finetuned": ft_model}
+    parent.text(md, "pipeline_summary.md")
+    parent.finish(status)
+    if status == "FINISHED":
+        create_markdown_artifact(key="pipeline-summary", markdown=md, description="pipeline run summary")
+    return {"mlflow_run_id": parent.run_id, "dataset": data_dir, "checkpoint": ckpt, "metrics": metrics,
+            "finetuned": ft_model, "status": status}

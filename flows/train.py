@@ -1,69 +1,53 @@
-"""The train flow: one Prefect task that runs (or resumes) :func:`model.train.train`.
+"""The train flow: one Prefect task that runs (or resumes) the train stage.
 
-Thin wiring only. The run directory defaults to ``runs/train-<fingerprint>``, the fingerprint
-of the training config and the dataset's fingerprint, so re-running a failed or interrupted
-flow with the same inputs lands in the same directory and resumes from its newest checkpoint
-(a finished run returns its summary at once). The task has no retries: a diverged run would
+Thin wiring only: :class:`~llmforge.model.train.TrainStage` decides the run directory (a
+fingerprint of the recipe, the dataset and the initial weights) and whether the run is already
+complete, so re-running a failed or interrupted flow with the same inputs lands in the same
+directory and resumes from its newest checkpoint. The task has no retries: a diverged run would
 only diverge again, and a killed one is resumed by re-running the flow.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-from llmforge.pipeline.fsutil import fingerprint
-from llmforge.pipeline.shards import Dataset
-
-# fields that only say how a run is watched or bounded, not what it computes
-RUN_CONTROL_FIELDS = {"max_minutes", "log_every", "sample_every", "log_checkpoints", "device", "compile"}
-
-
-def default_out_dir(cfg_dict: dict[str, Any], dataset_fp: str, init_from: str | None = None, root: str = "runs") -> Path:
-    """``runs/train-<fp>`` for (config minus run-control fields, dataset, initial weights)."""
-    key = {k: v for k, v in cfg_dict.items() if k not in RUN_CONTROL_FIELDS}
-    return Path(root) / f"train-{cfg_dict.get('preset', 'model')}-{fingerprint(key, dataset_fp, init_from)}"
+from llmforge import tracking
+from llmforge.console import say
+from llmforge.model.train import TrainStage, build_recipe
 
 
-@task(name="train", retries=0)
-def train_task(cfg_dict: dict, data_dir: str, out_dir: str, nproc: int, init_from: str | None,
-               experiment: str, parent_run_id: str | None) -> dict:
-    from llmforge.model.train import TrainConfig, launch, train
-
-    cfg = TrainConfig.from_dict(cfg_dict)
-    if nproc > 1:
-        return launch(cfg, data_dir, out_dir, nproc, init_from=init_from, experiment=experiment,
-                      parent_run_id=parent_run_id)
-    return train(cfg, data_dir, out_dir, init_from=init_from, experiment=experiment, parent_run_id=parent_run_id)
+@task(name="train", retries=0, cache_policy=NO_CACHE)
+def train_task(stage: TrainStage, nproc: int, experiment: str, parent_run_id: str | None) -> dict:
+    return stage.run(nproc=nproc, experiment=experiment, parent_run_id=parent_run_id)
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train")
 def train_flow(
     data_dir: str,
-    preset: str = "tiny",
+    recipe: str | None = None,
+    preset: str | None = None,
+    model: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
     out_dir: str | None = None,
-    overrides: dict[str, Any] | None = None,
     nproc: int = 1,
     init_from: str | None = None,
-    experiment: str = "llmforge",
+    experiment: str = tracking.EXPERIMENT,
     parent_run_id: str | None = None,
     runs_root: str = "runs",
 ) -> dict:
-    """Train ``preset`` on the token dataset at ``data_dir``; ``overrides`` are TrainConfig
-    fields (``{"max_steps": 500, "model": {"n_layer": 2}}``). Returns the run summary.
-    Without ``out_dir`` the run lives in ``<runs_root>/train-<preset>-<fingerprint>``."""
-    from llmforge.model.train import TrainConfig
-
-    logger = get_run_logger()
-    cfg = TrainConfig.from_dict({"preset": preset, **(overrides or {})})
-    cfg.validate()
-    dataset = Dataset.open(data_dir)
-    out = Path(out_dir) if out_dir else default_out_dir(cfg.to_dict(), dataset.fingerprint, init_from, runs_root)
-    logger.info("training %s on %s into %s", preset, data_dir, out)
-    summary = train_task(cfg.to_dict(), str(data_dir), str(out), nproc, init_from, experiment, parent_run_id)
+    """Train on the token dataset at ``data_dir``: a recipe file (``recipe``, a name in
+    configs/train or a path) with ``model`` / ``train`` sections over it and ``preset`` on top.
+    Returns the run summary."""
+    stage = TrainStage(build_recipe(recipe, preset=preset, model=model, train=train), data_dir, out_dir=out_dir,
+                       init_from=init_from, runs_root=runs_root)
+    if (done := stage.completed()) is not None:
+        say(f"train: {stage.out_dir} already finished step {done['step']} (skipped)")
+        return {**done, "skipped": True}
+    summary = train_task(stage, nproc, experiment, parent_run_id)
     val = summary.get("val_loss")
     create_markdown_artifact(
         key="train-summary",

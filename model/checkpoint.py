@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmforge.errors import CheckpointError
 from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, read_json
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,10 @@ log = logging.getLogger(__name__)
 FORMAT = "llmforge.checkpoint"
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
+WHAT_TO_PASS = "give a checkpoint: ckpt-*.pt or best.pt of a training run (or its directory), or a fine-tune's model.pt"
 
-
-class CheckpointError(Exception):
-    """A checkpoint file that is missing, truncated, unsafe or not one of ours."""
+__all__ = ["CheckpointError", "CheckpointManager", "load_checkpoint", "save_checkpoint", "find_checkpoint",
+           "checkpoint_tokenizer", "tokenizer_bytes", "capture_rng_state", "restore_rng_state"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,13 +159,63 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: dict, optimizer_sta
     return path
 
 
+def sniff_kind(path: Path) -> str:
+    """What a file is, from its first bytes: ``torch`` (a zip, as torch.save writes), ``safetensors``,
+    ``gguf``, ``json``, ``empty`` or ``other``."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "torch"
+    if head.startswith(b"GGUF"):
+        return "gguf"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    return "other"
+
+
+_KIND_HINT = {
+    "safetensors": "a safetensors file (exported weights, no config or tokenizer)",
+    "gguf": "a GGUF file (for llama.cpp)",
+    "json": "a JSON file",
+    "other": "not a torch checkpoint",
+}
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, checked by kind before anything unpickles it; a run directory gives its
+    ``best.pt`` (else its newest ``ckpt-*.pt``; a fine-tune directory its ``model.pt``)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.pt", "model.pt"):
+            if (p / name).is_file():
+                return p / name
+        found = sorted(p.glob("ckpt-*.pt"))
+        if found:
+            return found[-1]
+        if (p / "manifest.json").is_file():
+            raise CheckpointError(f"{p}: a token dataset, not a checkpoint; {WHAT_TO_PASS}")
+        raise CheckpointError(f"{p}: no checkpoint in this directory (no best.pt, model.pt or ckpt-*.pt); "
+                              f"{WHAT_TO_PASS}")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file; {WHAT_TO_PASS}")
+    kind = sniff_kind(p)
+    if kind == "empty":
+        raise CheckpointError(f"{p}: checkpoint file is empty (a save that never finished?)")
+    if kind != "torch":
+        what = _KIND_HINT[kind]
+        if p.name == "manifest.json":
+            what = "a dataset manifest"
+        raise CheckpointError(f"{p}: {what}, not an llmforge checkpoint; {WHAT_TO_PASS}")
+    return p
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; :class:`CheckpointError` says what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: checkpoint file is empty (a save that never finished?)")
+    path = find_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -188,16 +239,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def tokenizer_from_checkpoint(ckpt: dict[str, Any]):
-    """The SentencePieceProcessor embedded in a loaded checkpoint."""
-    import sentencepiece as spm
-
+def tokenizer_bytes(ckpt: dict[str, Any]) -> bytes | None:
+    """The SentencePiece model file embedded in a loaded checkpoint (None if it has none)."""
     t = ckpt.get("tokenizer")
-    if t is None:
-        raise CheckpointError("checkpoint carries no tokenizer (it was saved without tokenizer=...)")
-    sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(t.cpu().numpy().tobytes())
-    return sp
+    return None if t is None else t.cpu().numpy().tobytes()
+
+
+def checkpoint_tokenizer(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint"):
+    """The :class:`~llmforge.pipeline.tokenizer.Tokenizer` a checkpoint carries: the one way
+    code gets a tokenizer out of a checkpoint."""
+    from llmforge.pipeline.tokenizer import Tokenizer
+
+    data = tokenizer_bytes(ckpt)
+    if data is None:
+        raise CheckpointError(f"{path}: checkpoint carries no tokenizer, so it cannot encode or decode text")
+    return Tokenizer(data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,14 +299,19 @@ class CheckpointManager:
                 log.warning("ignoring unreadable %s: %s", best, e)
         return {}
 
-    def checkpoints(self) -> list[tuple[int, Path]]:
-        """(step, path) of every complete ``ckpt-*.pt``, oldest first."""
+    @staticmethod
+    def list(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+        """(step, path) of every complete ``ckpt-*.pt`` in ``out_dir``, oldest first."""
         found = []
-        for p in self.out_dir.iterdir():
+        for p in Path(out_dir).iterdir():
             m = _CKPT_RE.match(p.name)
             if m:
                 found.append((int(m.group(1)), p))
         return sorted(found)
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete ``ckpt-*.pt``, oldest first."""
+        return self.list(self.out_dir)
 
     def save(self, step: int, *, model_state: dict, optimizer_state: dict | None,
              scheduler_state: dict | None, data_state: dict, rng_state: dict, config: dict,

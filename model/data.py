@@ -15,13 +15,13 @@ batch. On CUDA the batch goes through pinned memory with a non-blocking copy.
 
 Any other batch source (fine-tuning with loss masks, say) plugs into the trainer through the
 tiny :class:`BatchSource` protocol: ``get_batch(step, micro) -> (x, y)`` where ``y`` holds
-``-100`` at positions that carry no loss, plus ``state_dict()`` / ``load_state_dict()``. An
-evaluation source has ``eval_batches() -> Iterable[(x, y)]``.
+``-100`` at positions that carry no loss, plus ``state_dict()`` / ``load_state_dict()``.
+Validation is scored by :mod:`llmforge.model.evaluate` (the one held-out scorer).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -40,13 +40,6 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@runtime_checkable
-class EvalSource(Protocol):
-    """What evaluation needs: a finite, deterministic sequence of (x, y) batches."""
-
-    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 def to_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -157,94 +150,3 @@ class ShardBatcher:
                 f"{self.seed}; resuming would change the batch sequence (pass the original seed)"
             )
         self.step = int(state["step"])
-
-
-def iter_eval_batches(
-    dataset: Dataset,
-    split: str,
-    block_size: int,
-    batch_size: int,
-    max_tokens: int | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Walk the split's tokens in order as (x, y) batches, every target token exactly once.
-
-    Each shard is cut into consecutive ``block_size`` chunks (the target of a chunk's last
-    position is the first token of the next); a shard's tail shorter than a full chunk is
-    padded, its padded targets set to ``-100``. ``max_tokens`` caps the number of target
-    tokens (the first ones of the split). With ``world_size > 1`` rank r yields batches
-    r, r + W, ... so ranks split the work and their sums add up to the whole.
-    """
-    device = torch.device(device)
-    T = block_size
-    budget = max_tokens if max_tokens is not None else dataset.num_tokens(split)
-    pad = dataset.eos_id
-
-    def chunks() -> Iterator[tuple[np.ndarray, int, int]]:
-        left = budget
-        for shard in dataset.shards(split):
-            toks = shard.tokens
-            n_targets = len(toks) - 1
-            for off in range(0, max(n_targets, 0), T):
-                if left <= 0:
-                    return
-                n = min(T, n_targets - off, left)
-                yield toks, off, n
-                left -= n
-
-    def emit(rows: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = np.full((len(rows), T), pad, dtype=np.int64)
-        y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
-        for i, (toks, off, n) in enumerate(rows):
-            x[i, :n] = toks[off : off + n]
-            y[i, :n] = toks[off + 1 : off + n + 1]
-        return to_device(x, device), to_device(y, device)
-
-    rows: list[tuple[np.ndarray, int, int]] = []
-    index = 0
-    for c in chunks():
-        rows.append(c)
-        if len(rows) == batch_size:
-            if index % world_size == rank:
-                yield emit(rows)
-            index += 1
-            rows = []
-    if rows and index % world_size == rank:
-        yield emit(rows)
-
-
-class ShardEvalSource:
-    """An :class:`EvalSource` over one split (the default validation source of the trainer)."""
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        split: str,
-        block_size: int,
-        batch_size: int,
-        max_tokens: int | None = None,
-        *,
-        device: str | torch.device = "cpu",
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if split not in dataset.splits():
-            raise KeyError(f"{dataset.root}: no split {split!r} (have {dataset.splits()})")
-        self.dataset, self.split = dataset, split
-        self.block_size, self.batch_size, self.max_tokens = block_size, batch_size, max_tokens
-        self.device, self.rank, self.world_size = device, rank, world_size
-
-    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter_eval_batches(
-            self.dataset,
-            self.split,
-            self.block_size,
-            self.batch_size,
-            self.max_tokens,
-            device=self.device,
-            rank=self.rank,
-            world_size=self.world_size,
-        )

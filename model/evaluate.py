@@ -1,4 +1,11 @@
-"""The evaluate stage: validation loss, perplexity and bits per byte, multiple choice, samples.
+"""The evaluate stage and the one held-out scorer: loss, perplexity and bits per byte, multiple
+choice, samples.
+
+:func:`score_split` is the only code that scores held-out text: training-time validation calls it
+with ``train.eval_tokens`` and ``llmforge evaluate --max-tokens`` calls it the same way, so one
+checkpoint, split and token budget give one number everywhere. It runs under
+``torch.inference_mode`` and takes the summed NLL straight from the model's own cross-entropy
+(``reduction="sum"``), never a second pass over the logits.
 
 **Which tokens count.** A split is scored as one stream: an EOS (standing in for "start of
 text", exactly as the EOS of the previous document does for every later document), then every
@@ -32,55 +39,56 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from pydantic import Field
 from tqdm import tqdm
 
+from llmforge import tracking
+from llmforge.config import Config, control
+from llmforge.errors import ConfigError, DataError, NotFound
+from llmforge.model.checkpoint import find_checkpoint
 from llmforge.model.data import IGNORE_INDEX
-from llmforge.pipeline.fsutil import atomic_write_json, fingerprint, sha256_file
+from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
+from llmforge.model.runtime import DistInfo, all_reduce, autocast, resolve_dtype
+from llmforge.pipeline.fsutil import atomic_write_json, read_json, sha256_file
 from llmforge.pipeline.shards import Dataset
+from llmforge.stage import Stage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS = (
-    "The",
-    "Once upon a time",
-    "It was a dark and stormy night",
-    "In the beginning",
-    "The meaning of life is",
-)
+EVAL_BATCH_SIZE = 8  # windows per forward pass, for training-time validation and `llmforge evaluate` alike
 
 
-@dataclass
-class EvalConfig:
-    """Everything that changes the numbers an evaluation produces (part of its cache key)."""
+class EvalConfig(Config):
+    """What an evaluation computes (all but the control fields are part of its key)."""
 
-    split: str = "val"
-    batch_size: int = 8
-    max_tokens: int | None = None  # score only the first documents fitting in this many tokens
-    stride: int | None = None  # None: non-overlapping windows of block_size
-    block_size: int | None = None  # None: the model's block_size
-    mc_file: str | None = None
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    max_new_tokens: int = 64
-    temperature: float = 0.8
-    top_k: int | None = 50
-    seed: int = 1337
+    split: str = Field("val", description="split of the dataset to score")
+    max_tokens: int | None = Field(None, gt=0, description="score only the first documents that fit in N tokens (default: all)")
+    stride: int | None = Field(None, gt=0, description="slide windows by S tokens, scoring the last S of each (default: no overlap)")
+    block_size: int | None = Field(None, gt=0, description="window length (default: the model's context)")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="prompts for sample generations")
+    max_new_tokens: int = Field(64, ge=0, description="tokens per sample; 0 = no samples")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.8, top_k=50, seed=1337))
+    mc_file: str | None = control(None, "multiple-choice JSONL (HellaSwag layout); its bytes are part of the key")
+    batch_size: int = control(EVAL_BATCH_SIZE, "windows per forward pass", gt=0)
+    device: str = control("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N")
+    dtype: str = control("auto", "auto = bf16 autocast on CUDA, fp32 elsewhere")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["prompts"] = list(self.prompts)
-        return d
+
+class EvalOptions(Config):
+    """``llmforge evaluate``'s settings tree (``--set eval.max_tokens=100000``)."""
+
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------
-# loss / perplexity / bits per byte
+# the held-out scorer
 
 
 class _Stream:
@@ -129,7 +137,7 @@ def split_stream(dataset: Dataset, split: str, max_tokens: int | None = None) ->
         documents += n_docs
         text_bytes += int(shard.n_bytes[:n_docs].sum())
     if tokens == 0:
-        raise ValueError(f"{dataset.root}: split {split!r} has no tokens to evaluate")
+        raise DataError(f"{dataset.root}: split {split!r} has no tokens to evaluate")
     return _Stream(pieces), {"tokens": tokens, "documents": documents, "bytes": text_bytes}
 
 
@@ -137,7 +145,7 @@ def windows(n_targets: int, block_size: int, stride: int) -> Iterator[tuple[int,
     """(begin, end, n_scored): inputs ``stream[begin:end]``, targets ``stream[begin+1:end+1]``,
     of which the last ``n_scored`` are scored. Every target 1..n_targets is scored exactly once."""
     if not 0 < stride <= block_size:
-        raise ValueError(f"stride must be in (0, block_size={block_size}], got {stride}")
+        raise ConfigError(f"stride must be in (0, block_size={block_size}], got {stride}")
     prev_end = 0
     begin = 0
     while prev_end < n_targets:
@@ -147,49 +155,44 @@ def windows(n_targets: int, block_size: int, stride: int) -> Iterator[tuple[int,
         begin += stride
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
-def _token_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-position NLL in nats (float32), 0 where ``y == -100``."""
-    with _autocast(x.device):
-        logits, _ = model(x, y)
-    nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return nll.view_as(y)
-
-
-@torch.no_grad()
-def split_nll(
-    model: nn.Module,
-    dataset: Dataset,
-    split: str = "val",
-    *,
-    block_size: int,
-    batch_size: int = 8,
-    max_tokens: int | None = None,
-    stride: int | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> dict[str, float]:
-    """Sum of NLL over the whole split and the derived loss, perplexity and bits per byte."""
-    device = torch.device(device)
-    stride = stride or block_size
-    stream, counts = split_stream(dataset, split, max_tokens)
-    n_targets = len(stream) - 1
-    assert n_targets == counts["tokens"]
+@torch.inference_mode()
+def score_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                  device: torch.device, dtype: torch.dtype = torch.float32,
+                  progress: tqdm | None = None) -> tuple[float, int]:
+    """(summed NLL in nats, number of scored targets) over ``(x, y)`` batches, ``y == -100``
+    where a position is not scored. Summed across DDP ranks (each rank scores its own batches)."""
     was_training = model.training
     model.eval()
-    total = 0.0
-    scored = 0
-    pad = dataset.eos_id
-    wins = list(windows(n_targets, block_size, stride))
-    bar = tqdm(total=n_targets, desc=f"eval {split}", unit="tok", disable=not progress, leave=False)
-    for i in range(0, len(wins), batch_size):
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        n = (y != IGNORE_INDEX).sum()
+        with autocast(device, dtype):
+            _, nll = model(x, y, reduction="sum")
+        total[0] += nll.double()
+        total[1] += n
+        if progress is not None:
+            progress.update(int(n))
+    model.train(was_training)
+    all_reduce(total, "sum")
+    return float(total[0]), int(total[1])
+
+
+def _row_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row summed NLL (float64, on the CPU) of the scored targets."""
+    with autocast(x.device, dtype):
+        _, nll = model(x, y, reduction="none")
+    return nll.double().sum(1).cpu()
+
+
+def window_batches(stream: _Stream, block_size: int, stride: int, batch_size: int, pad: int, *,
+                   dist: DistInfo | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The scored windows of a stream as ``(x, y)`` batches (this rank's share under DDP)."""
+    dist = dist or DistInfo()
+    wins = list(windows(len(stream) - 1, block_size, stride))
+    for b, i in enumerate(range(0, len(wins), batch_size)):
+        if b % dist.world_size != dist.rank:
+            continue
         chunk = wins[i : i + batch_size]
         x = np.full((len(chunk), block_size), pad, dtype=np.int64)
         y = np.full((len(chunk), block_size), IGNORE_INDEX, dtype=np.int64)
@@ -197,14 +200,25 @@ def split_nll(
             n = end - begin
             x[r, :n] = stream.slice(begin, end)
             y[r, n - n_scored : n] = stream.slice(end - n_scored + 1, end + 1)
-        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        total += float(_token_nll(model, xt, yt).double().sum())
-        done = int((yt != IGNORE_INDEX).sum())
-        scored += done
-        bar.update(done)
+        yield torch.from_numpy(x), torch.from_numpy(y)
+
+
+def score_split(model: nn.Module, dataset: Dataset, split: str = "val", *, block_size: int,
+                batch_size: int = EVAL_BATCH_SIZE, max_tokens: int | None = None, stride: int | None = None,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                dist: DistInfo | None = None, progress: bool = False) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of ``split`` (see the module docstring for which
+    tokens count): the one scorer of held-out text."""
+    device = torch.device(device)
+    stride = stride or block_size
+    stream, counts = split_stream(dataset, split, max_tokens)
+    bar = tqdm(total=counts["tokens"], desc=f"eval {split}", unit="tok", disable=not progress, leave=False)
+    total, scored = score_batches(model, window_batches(stream, block_size, stride, batch_size, dataset.eos_id,
+                                                        dist=dist),
+                                  device=device, dtype=dtype, progress=bar)
     bar.close()
-    model.train(was_training)
-    assert scored == n_targets, (scored, n_targets)
+    if scored != counts["tokens"]:
+        raise RuntimeError(f"scored {scored} targets, expected {counts['tokens']}")
     loss = total / scored
     return {
         "nll_sum": total,
@@ -216,6 +230,21 @@ def split_nll(
         "bits_per_byte": total / (math.log(2) * counts["bytes"]) if counts["bytes"] else float("nan"),
         "tokens_per_byte": scored / counts["bytes"] if counts["bytes"] else float("nan"),
     }
+
+
+class SplitScorer:
+    """Training-time validation over a dataset split: ``score(model, ...)`` is :func:`score_split`
+    with the run's token budget, so the number equals ``llmforge evaluate --max-tokens``'s."""
+
+    def __init__(self, dataset: Dataset, split: str, block_size: int, max_tokens: int | None):
+        if split not in dataset.splits():
+            raise DataError(f"{dataset.root}: no split {split!r} (have {', '.join(dataset.splits())})")
+        self.dataset, self.split, self.block_size, self.max_tokens = dataset, split, block_size, max_tokens
+
+    def score(self, model: nn.Module, *, device: torch.device, dtype: torch.dtype,
+              dist: DistInfo | None = None) -> dict[str, float]:
+        return score_split(model, self.dataset, self.split, block_size=self.block_size, max_tokens=self.max_tokens,
+                           device=device, dtype=dtype, dist=dist)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,11 +262,16 @@ def load_mc_jsonl(path: str | os.PathLike) -> tuple[list[MCItem], list[str]]:
     """Read a HellaSwag-layout JSONL; returns (items, problems). Raises if no item is usable."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such multiple-choice file")
+        raise NotFound(f"{path}: no such multiple-choice file")
     items: list[MCItem] = []
     bad: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line: one bad line costs that line only
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append(f"{path}:{lineno}: not UTF-8 text (byte {e.start})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -260,7 +294,7 @@ def load_mc_jsonl(path: str | os.PathLike) -> tuple[list[MCItem], list[str]]:
             except ValueError as e:
                 bad.append(f"{path}:{lineno}: {e}")
     if not items:
-        raise ValueError(f"{path}: no usable multiple-choice items ({'; '.join(bad[:5]) or 'empty file'})")
+        raise DataError(f"{path}: no usable multiple-choice items ({'; '.join(bad[:5]) or 'empty file'})")
     return items, bad
 
 
@@ -271,7 +305,7 @@ def _join(context: str, ending: str) -> str:
     return ending
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_multiple_choice(
     model: nn.Module,
     tokenizer: Any,
@@ -279,6 +313,7 @@ def score_multiple_choice(
     *,
     block_size: int,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
     eos_id: int,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -305,7 +340,7 @@ def score_multiple_choice(
             n = len(s) - 1
             x[r, :n] = s[:-1]
             y[r, n - k : n] = s[n - k + 1 :]
-        nll = _token_nll(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)).double().sum(1).cpu()
+        nll = _row_nll(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), dtype)
         logprob = (-nll).tolist()
         mean = [lp / k for lp, k in zip(logprob, n_end)]
         pred, pred_norm = int(np.argmax(logprob)), int(np.argmax(mean))
@@ -321,186 +356,145 @@ def score_multiple_choice(
 # the stage
 
 
-def result_key(checkpoint: str | os.PathLike, data_dir: str | os.PathLike | None, cfg: EvalConfig) -> str:
-    """:func:`eval_key` of the files themselves (hashes the checkpoint)."""
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
-    data_fp = Dataset.open(data_dir).fingerprint if data_dir is not None else None
-    return eval_key(sha256_file(checkpoint), data_fp, cfg)
-
-
-def default_result_path(checkpoint: str | os.PathLike, key: str) -> Path:
-    """``<checkpoint dir>/eval/<checkpoint stem>-<key>.json``."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.parent / "eval" / f"{checkpoint.stem}-{key}.json"
-
-
-def stored_result(path: str | os.PathLike, key: str) -> dict[str, Any] | None:
-    """The result at ``path`` if it exists and was computed for ``key`` (else None)."""
-    try:
-        result = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        return None
-    return result if isinstance(result, dict) and result.get("key") == key else None
-
-
-def eval_key(checkpoint_sha256: str, data_fingerprint: str | None, cfg: EvalConfig) -> str:
-    """What makes two evaluations the same: the checkpoint bytes, the data, the config and the
-    multiple-choice file's bytes."""
-    mc_sha = sha256_file(cfg.mc_file) if cfg.mc_file else None
-    config = {k: v for k, v in cfg.to_dict().items() if k != "mc_file"}  # its bytes count, not its path
-    return fingerprint("evaluate", checkpoint_sha256, data_fingerprint, config, mc_sha)
-
-
-def sample_generations(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    seed: int,
-    eos_id: int,
-    device: str | torch.device = "cpu",
-) -> list[dict[str, str]]:
-    """One completion per prompt, each seeded by ``seed + i`` so results are reproducible."""
-    from llmforge.model.generate import generate
-
-    out = []
-    for i, prompt in enumerate(prompts):
-        ids = [eos_id] + list(tokenizer.encode(prompt))  # EOS = start of a document, as in training
-        idx = torch.tensor([ids[-model.config.block_size :]], dtype=torch.long, device=device)
-        res = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i, eos_id=eos_id)
-        new = [t for t in res[0, idx.size(1) :].tolist() if t != eos_id]
-        out.append({"prompt": prompt, "completion": tokenizer.decode(new)})
-    return out
-
-
 def _check_tokenizers(ckpt_tok_fp: str, dataset: Dataset, checkpoint: Path) -> None:
     data_fp = dataset.manifest["tokenizer"].get("fingerprint")
     if data_fp and data_fp != ckpt_tok_fp:
-        raise ValueError(
-            f"{checkpoint}: the model's tokenizer (fingerprint {ckpt_tok_fp}) is not the one {dataset.root} was "
-            f"tokenized with ({data_fp}); loss and bits per byte would be meaningless. Re-run prepare with "
-            f"--tokenizer from this checkpoint, or evaluate on data made with its tokenizer."
+        raise DataError(
+            f"{checkpoint}: the model's tokenizer ({ckpt_tok_fp}) is not the one {dataset.root} was tokenized with "
+            f"({data_fp}); loss and bits per byte would be meaningless. Evaluate on data prepared with this "
+            f"model's tokenizer (llmforge prepare --tokenizer)."
         )
 
 
-def evaluate(
-    checkpoint: str | os.PathLike,
-    data_dir: str | os.PathLike | None,
-    *,
-    cfg: EvalConfig | None = None,
-    out: str | os.PathLike | None = None,
-    device: str | torch.device = "auto",
-    parent_run_id: str | None = None,
-    experiment: str = "llmforge",
-    track: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate one checkpoint; write the results JSON (atomically) to ``out`` and log to MLflow.
+class EvalStage(Stage):
+    """Evaluate one checkpoint on a token dataset (and/or a multiple-choice file).
 
-    ``data_dir`` (a token dataset) gives loss / perplexity / bits per byte on ``cfg.split``;
-    ``cfg.mc_file`` adds multiple-choice accuracy; ``cfg.prompts`` sample generations. Any of
-    them may be skipped (``data_dir=None``, ``mc_file=None``, ``prompts=()``).
-    """
+    Output: one JSON file, ``<checkpoint dir>/eval/<checkpoint stem>-<key>.json`` unless ``out``
+    names another; it holds its key, so a finished evaluation is found again and not redone."""
+
+    name = "evaluate"
+
+    def __init__(self, checkpoint: str | os.PathLike, data_dir: str | os.PathLike | None,
+                 config: EvalConfig | None = None, *, out: str | os.PathLike | None = None):
+        self.config = config or EvalConfig()
+        self.checkpoint = find_checkpoint(checkpoint)
+        self.dataset = Dataset.open(data_dir) if data_dir is not None else None
+        if self.dataset is None and self.config.mc_file is None:
+            raise ConfigError("give --data DATASET_DIR and/or --mc FILE.jsonl: there is nothing to evaluate on")
+        if self.dataset is not None and self.config.split not in self.dataset.splits():
+            raise ConfigError(f"--split {self.config.split}: {self.dataset.root} has splits "
+                              f"{', '.join(self.dataset.splits())}")
+        if self.config.mc_file is not None and not Path(self.config.mc_file).is_file():
+            raise NotFound(f"{self.config.mc_file}: no such multiple-choice file")
+        self._out = Path(out) if out is not None else None
+
+    def inputs(self) -> Any:
+        return [sha256_file(self.checkpoint), self.dataset.fingerprint if self.dataset else None,
+                sha256_file(self.config.mc_file) if self.config.mc_file else None]
+
+    @property
+    def out_dir(self) -> Path:
+        return self.result_path.parent
+
+    @property
+    def result_path(self) -> Path:
+        return self._out or self.checkpoint.parent / "eval" / f"{self.checkpoint.stem}-{self.key}.json"
+
+    def completed(self) -> dict[str, Any] | None:
+        try:
+            result = read_json(self.result_path)
+        except (FileNotFoundError, ValueError):
+            return None
+        return result if isinstance(result, dict) and result.get("key") == self.key else None
+
+    def run(self, *, experiment: str = tracking.EXPERIMENT, parent_run_id: str | None = None,
+            progress: bool = True) -> dict[str, Any]:
+        return evaluate(self, experiment=experiment, parent_run_id=parent_run_id, progress=progress)
+
+
+def evaluate(stage: EvalStage, *, experiment: str = tracking.EXPERIMENT, parent_run_id: str | None = None,
+             progress: bool = True, track: bool = True) -> dict[str, Any]:
+    """Run an evaluation; write its results JSON (atomically) and record an MLflow run that spans
+    the whole of it (loading the model included)."""
+    cfg, dataset = stage.config, stage.dataset
+    corpus = ((dataset.manifest.get("config") or {}).get("corpus") or {}).get("name") if dataset else None
+    name = tracking.run_name("evaluate", corpus, stage.checkpoint.parent.name, stage.checkpoint.stem)
+    tags = {tracking.TAG_CHECKPOINT: str(stage.checkpoint.resolve()), tracking.TAG_CORPUS: corpus,
+            tracking.TAG_DATASET: dataset.fingerprint if dataset else None}
+    run_ctx = tracking.stage_run(name, stage="evaluate", experiment=experiment, parent_run_id=parent_run_id,
+                                 tags=tags) if track else _no_run()
+    with run_ctx as run:
+        result = _evaluate(stage, progress)
+        if run is not None:
+            result["mlflow_run_id"] = run.run_id
+            run.tags({tracking.TAG_MODEL_RUN: result["model_run_id"]})
+            run.params({"eval": cfg.key_dict()})
+            run.metrics(result["metrics"], step=result.get("step") or 0)
+        atomic_write_json(stage.result_path, result)
+        if run is not None:
+            run.artifact(stage.result_path)
+            if result.get("samples"):
+                run.text(format_samples(result["samples"]), "samples.txt")
+    return result
+
+
+def _evaluate(stage: EvalStage, progress: bool) -> dict[str, Any]:
     from llmforge.model.generate import load_for_inference
-    from llmforge.pipeline.tokenizer import Tokenizer
 
-    cfg = cfg or EvalConfig()
-    checkpoint = Path(checkpoint)
+    cfg, dataset = stage.config, stage.dataset
     t0 = time.time()
-    model, sp, meta = load_for_inference(checkpoint, device)
+    model, tok, meta = load_for_inference(stage.checkpoint, cfg.device)
     dev = next(model.parameters()).device
-    tok = Tokenizer(sp.serialized_model_proto())
+    dtype = resolve_dtype(cfg.dtype, dev)
     block_size = min(cfg.block_size or model.config.block_size, model.config.block_size)
-    dataset = Dataset.open(data_dir) if data_dir is not None else None
     if dataset is not None:
-        _check_tokenizers(tok.fingerprint, dataset, checkpoint)
-    mc_items: list[MCItem] = []
-    mc_problems: list[str] = []
-    if cfg.mc_file:
-        mc_items, mc_problems = load_mc_jsonl(cfg.mc_file)
-        for p in mc_problems[:20]:
-            log.warning("skipping %s", p)
-    ckpt_sha = sha256_file(checkpoint)
-    lineage = meta.get("lineage") or {}
+        _check_tokenizers(tok.fingerprint, dataset, stage.checkpoint)
+    mc_items, mc_problems = load_mc_jsonl(cfg.mc_file) if cfg.mc_file else ([], [])
     result: dict[str, Any] = {
-        "key": eval_key(ckpt_sha, dataset.fingerprint if dataset else None, cfg),
-        "checkpoint": str(checkpoint.resolve()),
-        "checkpoint_sha256": ckpt_sha,
+        "key": stage.key,
+        "checkpoint": str(stage.checkpoint.resolve()),
+        "checkpoint_sha256": stage.inputs()[0],
         "step": meta.get("step"),
-        "model_run_id": lineage.get("mlflow_run_id"),
+        "model_run_id": (meta.get("lineage") or {}).get("mlflow_run_id"),
         "tokenizer_fingerprint": tok.fingerprint,
-        "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
+        "data_dir": str(dataset.root.resolve()) if dataset else None,
         "data_fingerprint": dataset.fingerprint if dataset else None,
         "config": cfg.to_dict(),
         "device": str(dev),
     }
     if dataset is not None:
-        result[cfg.split] = split_nll(
-            model, dataset, cfg.split, block_size=block_size, batch_size=cfg.batch_size,
-            max_tokens=cfg.max_tokens, stride=cfg.stride, device=dev, progress=progress,
-        )
-        r = result[cfg.split]
-        log.info("%s: loss %.4f  ppl %.2f  bpb %.4f over %d tokens / %d bytes",
-                 cfg.split, r["loss"], r["perplexity"], r["bits_per_byte"], r["tokens"], r["bytes"])
+        result[cfg.split] = score_split(model, dataset, cfg.split, block_size=block_size, batch_size=cfg.batch_size,
+                                        max_tokens=cfg.max_tokens, stride=cfg.stride, device=dev, dtype=dtype,
+                                        progress=progress)
     if mc_items:
-        mc = score_multiple_choice(model, tok, mc_items, block_size=block_size, device=dev, eos_id=tok.eos_id,
-                                   progress=progress)
-        mc["file"] = str(Path(cfg.mc_file).resolve())
-        mc["skipped_lines"] = mc_problems
-        result["multiple_choice"] = mc
+        mc = score_multiple_choice(model, tok, mc_items, block_size=block_size, device=dev, dtype=dtype,
+                                   eos_id=tok.eos_id, progress=progress)
+        result["multiple_choice"] = {**mc, "file": str(Path(cfg.mc_file).resolve()), "skipped_lines": mc_problems}
     if cfg.prompts and cfg.max_new_tokens > 0:
-        result["samples"] = sample_generations(
-            model, tok, cfg.prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_k=cfg.top_k, seed=cfg.seed, eos_id=tok.eos_id, device=dev,
-        )
+        result["samples"] = sample_texts(model, tok, cfg.prompts, max_new_tokens=cfg.max_new_tokens,
+                                         sampling=cfg.sampling, device=dev)
     result["seconds"] = round(time.time() - t0, 3)
-    result["metrics"] = _metrics(result, cfg.split)
-    result["out"] = str(out) if out is not None else None
-    if track:
-        _track(result, out, parent_run_id=parent_run_id, experiment=experiment)
-    elif out is not None:
-        atomic_write_json(out, result)
+    result["metrics"] = eval_metrics(result, cfg.split)
+    result["out"] = str(stage.result_path)
     return result
 
 
-def _metrics(result: dict[str, Any], split: str) -> dict[str, float]:
+class _no_run:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def eval_metrics(result: dict[str, Any], split: str, prefix: str = "") -> dict[str, float]:
+    """The numbers people compare, under the names every run uses (``val/loss``, ``val/bpb``)."""
     m: dict[str, float] = {}
     if split in result:
         r = result[split]
-        m.update({f"{split}_loss": r["loss"], f"{split}_perplexity": r["perplexity"], f"{split}_bpb": r["bits_per_byte"]})
+        m.update({f"{prefix}{split}/loss": r["loss"], f"{prefix}{split}/ppl": r["perplexity"],
+                  f"{prefix}{split}/bpb": r["bits_per_byte"]})
     if "multiple_choice" in result:
-        m.update({"mc_acc": result["multiple_choice"]["acc"], "mc_acc_norm": result["multiple_choice"]["acc_norm"]})
+        mc = result["multiple_choice"]
+        m.update({f"{prefix}mc/acc": mc["acc"], f"{prefix}mc/acc_norm": mc["acc_norm"]})
     return m
-
-
-def format_samples(samples: Sequence[dict[str, str]]) -> str:
-    return "\n\n".join(f"=== {s['prompt']!r}\n{s['prompt']}{s['completion']}" for s in samples) + "\n"
-
-
-def _track(result: dict, out: str | os.PathLike | None, *, parent_run_id: str | None, experiment: str) -> None:
-    """One MLflow run per evaluation: params, metrics, the results JSON and the samples."""
-    import mlflow
-
-    from llmforge.pipeline import tracking
-
-    tags = {"llmforge.stage": "evaluate", "llmforge.checkpoint": result["checkpoint"]}
-    if result.get("model_run_id"):
-        tags["llmforge.model_run_id"] = result["model_run_id"]
-    with tracking.run("evaluate", experiment=experiment, parent_run_id=parent_run_id, tags=tags) as run:
-        result["mlflow_run_id"] = run.info.run_id
-        tracking.log_params({"eval": result["config"], "checkpoint": result["checkpoint"],
-                             "checkpoint_sha256": result["checkpoint_sha256"],
-                             "data_fingerprint": result["data_fingerprint"]})
-        if result["metrics"]:
-            mlflow.log_metrics(result["metrics"], step=result.get("step") or 0)
-        if out is not None:
-            atomic_write_json(out, result)
-            mlflow.log_artifact(str(out))
-        else:
-            mlflow.log_dict(result, "eval.json")
-        if result.get("samples"):
-            mlflow.log_text(format_samples(result["samples"]), "samples.txt")

@@ -27,21 +27,26 @@ checkpoint lineage names the base checkpoint's path and sha256.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from llmforge.model.checkpoint import load_checkpoint, save_checkpoint
-from llmforge.model.gpt import GPT, GPTConfig
+from llmforge import tracking
+from llmforge.config import Config, control
+from llmforge.errors import ConfigError, DataError, NotFound
+from llmforge.model.evaluate import EvalConfig
+from llmforge.model.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, tokenizer_bytes
+from llmforge.model.gpt import GPT, GPTConfig, ModelSpec
 from llmforge.model.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
-from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, fingerprint, read_json, sha256_file
+from llmforge.model.train import TrainConfig, TrainRecipe, train
+from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, read_json, sha256_file
 from llmforge.pipeline.shards import Dataset
+from llmforge.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -50,138 +55,117 @@ MODEL_NAME = "model.pt"
 ADAPTER_NAME = "lora_adapter.pt"
 
 
-@dataclass
-class FinetuneConfig:
-    """Settings of a fine-tuning run; ``None`` means "the mode's default" (see :meth:`resolved`)."""
-
-    mode: str = "full"  # "full" | "lora"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
-    lr: float | None = None  # full: 1e-4, lora: 1e-3
-    min_lr: float | None = None  # None: lr / 10
-    weight_decay: float | None = None  # full: 0.1, lora: 0.0
-    warmup_steps: int = 20
-    max_steps: int = 500
-    batch_size: int = 8
-    grad_accum: int = 1
-    block_size: int | None = None  # None: the base model's
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_tokens: int | None = 262_144  # plain-text fine-tuning: target tokens per evaluation
-    ckpt_every: int = 250
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    dropout: float | None = None  # None: keep the base model's
-    # prompt/response data
-    val_fraction: float = 0.05  # share of SFT examples held out (by hash) for validation loss
-    pack: bool = False  # pack several examples per row instead of one padded example per row
-
-    def __post_init__(self) -> None:
-        self.lora_targets = tuple(self.lora_targets)
-
-    def validate(self) -> None:
-        problems = []
-        if self.mode not in ("full", "lora"):
-            problems.append(f"mode must be 'full' or 'lora' (got {self.mode!r})")
-        if self.lora_r < 1:
-            problems.append(f"lora_r must be >= 1 (got {self.lora_r})")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
-        if not 0 <= self.val_fraction < 1:
-            problems.append(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
-        if problems:
-            raise ValueError("invalid fine-tuning config: " + "; ".join(problems))
-
-    @property
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.mode == "lora" else 1e-4)
-
-    @property
-    def resolved_weight_decay(self) -> float:
-        return self.weight_decay if self.weight_decay is not None else (0.0 if self.mode == "lora" else 0.1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
-        return d
-
-    def train_config(self, **overrides: Any):
-        """The :class:`model.train.TrainConfig` that runs this fine-tune."""
-        from llmforge.model.train import TrainConfig
-
-        fields = dict(
-            model={"dropout": self.dropout} if self.dropout is not None else {},
-            block_size=self.block_size,
-            batch_size=self.batch_size,
-            grad_accum=self.grad_accum,
-            max_steps=self.max_steps,
-            lr=self.resolved_lr,
-            min_lr=self.min_lr,
-            warmup_steps=min(self.warmup_steps, self.max_steps),
-            weight_decay=self.resolved_weight_decay,
-            grad_clip=self.grad_clip,
-            eval_every=self.eval_every,
-            eval_tokens=self.eval_tokens,
-            ckpt_every=self.ckpt_every,
-            seed=self.seed,
-            device=self.device,
-            dtype=self.dtype,
-            compile=self.compile,
-        )
-        return TrainConfig(**{**fields, **overrides})
+def train_defaults(mode: str) -> dict[str, Any]:
+    """The fine-tuning loop's defaults (a ``train:`` section only overrides what it sets)."""
+    return {"max_steps": 500, "warmup_steps": 20, "batch_size": 8, "eval_every": 100, "ckpt_every": 250,
+            "lr": 1e-3 if mode == "lora" else 1e-4, "weight_decay": 0.0 if mode == "lora" else 0.1,
+            "sample_tokens": 96}
 
 
-def tokenizer_fingerprint(ckpt: dict[str, Any]) -> str | None:
-    """Fingerprint of the checkpoint's embedded tokenizer (same definition as the manifests':
-    sha256 of the SentencePiece model bytes, 16 hex digits), else its lineage's."""
-    t = ckpt.get("tokenizer")
-    if t is not None:
-        return hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()[:16]
-    return (ckpt.get("lineage") or {}).get("tokenizer_fingerprint")
+class FinetuneConfig(Config):
+    """A fine-tune: how (full or LoRA), on what (exactly one of sft, text, data), and its loop
+    (``train:``, the same TrainConfig pretraining uses, with fine-tuning defaults)."""
+
+    mode: Literal["full", "lora"] = Field("full", description="update every weight, or LoRA adapters")
+    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: update = alpha/r * B A")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                    description="module names whose Linear layers get adapters")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="SFT examples held out (by hash) for validation")
+    pack: bool = Field(False, description="SFT: pack several examples per sequence")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="the model is the checkpoint's (model.preset is "
+                             "not used); only model.dropout can change")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**train_defaults("full")))
+    # the data: exactly one; its identity (file hash, dataset fingerprint) is part of the key
+    sft: str | None = control(None, "prompt/response (or Alpaca) JSONL; loss on the response only")
+    text: list[str] | None = control(None, "raw text files, directories or URLs, prepared with the model's tokenizer")
+    data: str | None = control(None, "a token dataset made with the model's tokenizer")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_defaults(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            t = values.get("train") or {}
+            if isinstance(t, TrainConfig):
+                t = t.model_dump(exclude_unset=True)
+            values = {**values, "train": {**train_defaults(values.get("mode") or "full"), **t}}
+        return values
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "FinetuneConfig":
+        given = [k for k in ("sft", "text", "data") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give exactly one data source, got {' and '.join(given)}")
+        return self
 
 
-def check_same_tokenizer(checkpoint: str | os.PathLike, ckpt: dict[str, Any], dataset: Dataset) -> None:
+class PipelineOptions(Config):
+    """``llmforge pipeline``'s settings tree: pretraining (``model``, ``train``), both evaluations
+    (``eval``) and the optional fine-tune (``finetune``, with its own ``finetune.train``)."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    finetune: FinetuneConfig | None = None
+    name: str | None = control(None, "the recipe's name (its file's stem)")
+
+
+def check_same_tokenizer(checkpoint: Path, ckpt_tok_fp: str | None, dataset: Dataset) -> None:
     """Refuse a dataset tokenized with anything but the checkpoint's tokenizer."""
-    ours = tokenizer_fingerprint(ckpt)
     theirs = dataset.manifest["tokenizer"].get("fingerprint")
-    if ours is None:
-        raise ValueError(f"{checkpoint}: checkpoint records no tokenizer, so it cannot be fine-tuned on token data")
-    if ours != theirs:
-        raise ValueError(
-            f"{dataset.root}: tokenized with tokenizer {theirs}, but {checkpoint} uses tokenizer {ours}. "
-            f"Fine-tuning keeps the base model's tokenizer: prepare the corpus again with "
-            f"`llmforge prepare --tokenizer <its tokenizer.model>` (or `llmforge finetune --text`, which does that)."
-        )
+    if ckpt_tok_fp is None:
+        raise DataError(f"{checkpoint}: checkpoint records no tokenizer, so it cannot be fine-tuned on token data")
+    if ckpt_tok_fp != theirs:
+        raise DataError(
+            f"{dataset.root}: tokenized with tokenizer {theirs}, but {checkpoint} uses tokenizer {ckpt_tok_fp}; "
+            f"fine-tuning keeps the model's tokenizer: prepare the text with `llmforge finetune --text` (or "
+            f"`llmforge prepare --tokenizer <its tokenizer.model>`)")
 
 
-def finetune_key(base_sha256: str, data_id: str, cfg: FinetuneConfig) -> str:
-    """What makes two fine-tunes the same: base checkpoint bytes, data identity, config
-    (the device does not change the result's meaning and is left out)."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in ("device",)}
-    return fingerprint("finetune", base_sha256, data_id, d)
+class FinetuneStage(Stage):
+    """Fine-tune a checkpoint. Output: ``<runs_root>/finetune-<mode>-<key>`` (unless ``out_dir``)
+    holding ``train/`` (the resumable training run), ``model.pt`` (plain weights, LoRA merged),
+    ``lora_adapter.pt`` (lora) and ``finetune.json`` (written last: the stage is done)."""
 
+    name = "finetune"
 
-def data_identity(data_dir: str | os.PathLike | None, sft_file: str | os.PathLike | None) -> str:
-    if (data_dir is None) == (sft_file is None):
-        raise ValueError("fine-tuning needs exactly one of data_dir (token shards) or sft_file (prompt/response JSONL)")
-    if data_dir is not None:
-        return "tokens:" + Dataset.open(data_dir).fingerprint
-    return "sft:" + sha256_file(sft_file)
+    def __init__(self, checkpoint: str | os.PathLike, config: FinetuneConfig, *, out_dir: str | os.PathLike | None = None,
+                 runs_root: str | os.PathLike = "runs"):
+        self.config = config
+        self.checkpoint = find_checkpoint(checkpoint)
+        given = [k for k in ("sft", "text", "data") if getattr(config, k)]
+        if not given:
+            raise ConfigError("fine-tuning needs data: give --sft FILE.jsonl, --text SOURCE or --data DATASET_DIR")
+        if config.sft and not Path(config.sft).is_file():
+            raise NotFound(f"{config.sft}: no such SFT file" + (" (it is a directory)" if Path(config.sft).is_dir()
+                                                                  else ""))
+        self.dataset = Dataset.open(config.data) if config.data else None
+        self._out = Path(out_dir) if out_dir is not None else None
+        self.runs_root = Path(runs_root)
 
+    def inputs(self) -> Any:
+        if self.config.text:
+            raise ConfigError("a --text fine-tune's key needs its prepared dataset: prepare the text first "
+                              "(the finetune flow does) and pass it as data")
+        data = f"sft:{sha256_file(self.config.sft)}" if self.config.sft else f"tokens:{self.dataset.fingerprint}"
+        return [sha256_file(self.checkpoint), data]
 
-def completed(out_dir: str | os.PathLike, key: str | None = None) -> dict[str, Any] | None:
-    """The summary of a finished fine-tune in ``out_dir`` (matching ``key`` if given), else None."""
-    p = Path(out_dir) / SUMMARY_NAME
-    if not p.is_file() or not (Path(out_dir) / MODEL_NAME).is_file():
-        return None
-    summary = read_json(p)
-    if key is not None and summary.get("key") != key:
-        return None
-    return summary
+    @property
+    def out_dir(self) -> Path:
+        return self._out or self.runs_root / f"finetune-{self.config.mode}-{self.key}"
+
+    def completed(self) -> dict[str, Any] | None:
+        try:
+            summary = read_json(self.out_dir / SUMMARY_NAME)
+        except (FileNotFoundError, ValueError):
+            return None
+        if summary.get("key") != self.key or not (self.out_dir / MODEL_NAME).is_file():
+            return None
+        return summary
+
+    def run(self, *, experiment: str = tracking.EXPERIMENT, parent_run_id: str | None = None) -> dict[str, Any]:
+        return finetune(self, experiment=experiment, parent_run_id=parent_run_id)
 
 
 def _lora_hook(cfg: FinetuneConfig):
@@ -195,114 +179,94 @@ def _lora_hook(cfg: FinetuneConfig):
     return prepare
 
 
-def finetune(
-    checkpoint: str | os.PathLike,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    sft_file: str | os.PathLike | None = None,
-    out_dir: str | os.PathLike,
-    cfg: FinetuneConfig | None = None,
-    parent_run_id: str | None = None,
-    experiment: str = "llmforge",
-) -> dict[str, Any]:
-    """Fine-tune ``checkpoint`` on a token dataset (``data_dir``) or prompt/response JSONL
-    (``sft_file``); write ``out_dir/model.pt`` and return the stage summary. Re-running on the
-    same ``out_dir`` resumes an interrupted run, or returns at once when it already finished."""
-    from llmforge.model.train import train
+def finetune(stage: FinetuneStage, *, experiment: str = tracking.EXPERIMENT,
+             parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run a fine-tune: write ``model.pt`` and ``finetune.json`` and return the summary. Run again
+    on the same directory it resumes an interrupted run."""
+    from llmforge.model import sft
 
-    cfg = cfg or FinetuneConfig()
-    cfg.validate()
-    checkpoint = Path(checkpoint)
-    out_dir = Path(out_dir)
+    cfg, checkpoint, out_dir = stage.config, stage.checkpoint, stage.out_dir
     t0 = time.time()
-    data_id = data_identity(data_dir, sft_file)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: base checkpoint not found")
-    base_sha = sha256_file(checkpoint)
-    key = finetune_key(base_sha, data_id, cfg)
-    if (done := completed(out_dir, key)) is not None:
-        print(f"{out_dir}: fine-tune already complete ({done['model']}); nothing to do")
-        return done
-
+    base_sha, data_id = stage.inputs()
     base = load_checkpoint(checkpoint, map_location="cpu")
-    base_cfg = GPTConfig.from_dict(base["config"]["model"], source=f"{checkpoint} config['model']")
+    base_cfg = GPTConfig.load(base["config"]["model"], source=f"{checkpoint} config['model']")
     base_lineage = base.get("lineage") or {}
     base_run_id = base_lineage.get("mlflow_run_id")
-    block_size = min(cfg.block_size or base_cfg.block_size, base_cfg.block_size)
-    tok_bytes = base["tokenizer"].cpu().numpy().tobytes() if base.get("tokenizer") is not None else None
+    block_size = min(cfg.train.block_size or base_cfg.block_size, base_cfg.block_size)
+    tok_bytes = tokenizer_bytes(base)
     data_info: dict[str, Any] = {"identity": data_id}
-
+    tcfg = cfg.train.model_copy(update={"block_size": block_size, "warmup_steps": min(cfg.train.warmup_steps,
+                                                                                        cfg.train.max_steps)})
     train_kwargs: dict[str, Any] = {}
-    if data_dir is not None:
-        dataset = Dataset.open(data_dir)
-        check_same_tokenizer(checkpoint, base, dataset)
-        data_info.update(kind="text", data_dir=str(Path(data_dir).resolve()), train_tokens=dataset.num_tokens("train"))
-        tcfg = cfg.train_config(block_size=block_size)
-        data_arg = data_dir
-    else:
-        from llmforge.model import sft
-
-        if tok_bytes is None:
-            raise ValueError(f"{checkpoint}: checkpoint carries no tokenizer; cannot encode {sft_file}")
+    if stage.dataset is not None:
         from llmforge.pipeline.tokenizer import Tokenizer
 
+        check_same_tokenizer(checkpoint, Tokenizer(tok_bytes).fingerprint if tok_bytes else
+                             base_lineage.get("tokenizer_fingerprint"), stage.dataset)
+        data_info.update(kind="text", data_dir=str(stage.dataset.root.resolve()),
+                         train_tokens=stage.dataset.num_tokens("train"))
+        data_arg = stage.dataset.root
+    else:
+        from llmforge.pipeline.tokenizer import Tokenizer
+
+        if tok_bytes is None:
+            raise DataError(f"{checkpoint}: checkpoint carries no tokenizer; cannot encode {cfg.sft}")
         tok = Tokenizer(tok_bytes)
-        examples, bad = sft.load_sft_jsonl(sft_file)
-        for b in bad[:20]:
-            log.warning("%s:%d: skipped: %s", sft_file, b.line, b.reason)
+        examples, bad = sft.load_sft_jsonl(cfg.sft)
         if bad:
-            print(f"{sft_file}: skipped {len(bad)} bad line(s), e.g. line {bad[0].line}: {bad[0].reason}", flush=True)
+            print(f"{cfg.sft}: skipped {len(bad)} bad line(s): "
+                  + "; ".join(f"line {b.line}: {b.reason}" for b in bad[:5]) + (" ..." if len(bad) > 5 else ""),
+                  flush=True)
         train_ex, val_ex = sft.split_examples(examples, cfg.val_fraction)
         try:
             rows = sft.build_rows(train_ex, tok, block_size, tok.eos_id, pack=cfg.pack)
             val_rows = sft.build_rows(val_ex, tok, block_size, tok.eos_id, pack=cfg.pack) if val_ex else None
-        except ValueError as e:
-            raise ValueError(f"{sft_file}: {e}") from e
+        except DataError as e:
+            raise DataError(f"{cfg.sft}: {e}") from None
         data_info.update(
-            kind="sft", sft_file=str(Path(sft_file).resolve()), examples=len(examples), bad_lines=len(bad),
+            kind="sft", sft_file=str(Path(cfg.sft).resolve()), examples=len(examples), bad_lines=len(bad),
             bad_line_examples=[f"line {b.line}: {b.reason}" for b in bad[:20]],
             train_examples=len(train_ex), val_examples=len(val_ex), rows=rows.stats,
-            val_rows=val_rows.stats if val_rows else None,
-        )
-        prompts = [ex.prompt_text() for ex in (val_ex or train_ex)[:3]]
-        tcfg = cfg.train_config(block_size=block_size, sample_prompts=prompts, sample_tokens=96)
+            val_rows=val_rows.stats if val_rows else None)
+        tcfg = tcfg.model_copy(update={"sample_prompts": [ex.prompt_text() for ex in (val_ex or train_ex)[:3]]})
         train_kwargs["batcher"] = lambda rank, world, device: sft.SFTBatcher(
-            rows, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, device=device)
+            rows, tcfg.batch_size, seed=tcfg.seed, rank=rank, world_size=world, device=device)
         if val_rows is not None:
-            train_kwargs["val_batcher"] = lambda rank, world, device: sft.SFTEvalSource(
-                val_rows, cfg.batch_size, rank=rank, world_size=world, device=device)
+            train_kwargs["val_source"] = sft.SFTScorer(val_rows, tcfg.batch_size)
         data_arg = None
 
     lineage = {"base_checkpoint_sha256": base_sha, "base_run_id": base_run_id, "finetune_mode": cfg.mode,
                "finetune_data": data_id}
     del base  # the loop loads the base weights itself; do not hold two copies
-    summary = train(
-        tcfg, data_arg, out_dir / "train", init_from=checkpoint, experiment=experiment,
-        parent_run_id=parent_run_id, run_name=f"finetune-{cfg.mode}",
-        prepare_model=_lora_hook(cfg) if cfg.mode == "lora" else None, lineage=lineage, **train_kwargs,
-    )
-    if summary.get("status") != "completed":
-        raise RuntimeError(f"fine-tuning stopped early ({summary.get('status')}) at step {summary.get('step')}; "
-                           f"run the same command again to resume from {summary.get('checkpoint')}")
-    final = Path(summary["checkpoint"])
-    result = export_model(final, out_dir, cfg)
+    recipe = TrainRecipe(model=cfg.model, train=tcfg, name=f"{cfg.mode}")
+    data_label = Path(cfg.sft).stem if cfg.sft else ((stage.dataset.manifest.get("config") or {}).get("corpus")
+                                                     or {}).get("name")
+    summary = train(recipe, data_arg, out_dir / "train", init_from=checkpoint, experiment=experiment,
+                    parent_run_id=parent_run_id, stage="finetune",
+                    run_name=tracking.run_name("finetune", cfg.mode, data_label, f"from {checkpoint.parent.name}",
+                                               f"{tcfg.max_steps} steps"),
+                    prepare_model=_lora_hook(cfg) if cfg.mode == "lora" else None, lineage=lineage, **train_kwargs)
+    train_summary = {k: summary.get(k) for k in ("step", "train_loss", "val_loss", "best_val_loss", "tokens_per_s",
+                                                  "elapsed_s", "out_dir", "checkpoint")}
+    if summary.get("status") != "completed":  # interrupted: the next run resumes from its checkpoint
+        return {"status": summary.get("status"), "key": stage.key, "mode": cfg.mode, "train": train_summary,
+                "model": None, "mlflow_run_id": summary.get("mlflow_run_id"), "data": data_info}
+    result = export_model(Path(summary["checkpoint"]), out_dir, cfg)
     out = {
-        "key": key,
-        "mode": cfg.mode,
-        "base_checkpoint": str(checkpoint.resolve()),
-        "base_checkpoint_sha256": base_sha,
-        "base_run_id": base_run_id,
-        "data": data_info,
+        "status": "completed", "key": stage.key, "mode": cfg.mode, "base_checkpoint": str(checkpoint.resolve()),
+        "base_checkpoint_sha256": base_sha, "base_run_id": base_run_id, "data": data_info,
         "config": cfg.to_dict(),
-        "train": {k: summary.get(k) for k in ("step", "train_loss", "val_loss", "best_val_loss", "tokens_per_s",
-                                               "elapsed_s", "out_dir")},
-        "model": str(result["model"]),
-        "adapter": str(result["adapter"]) if result.get("adapter") else None,
-        "mlflow_run_id": summary.get("mlflow_run_id"),
-        "seconds": round(time.time() - t0, 3),
+        "train": train_summary,
+        "model": str(result["model"]), "adapter": str(result["adapter"]) if result.get("adapter") else None,
+        "mlflow_run_id": summary.get("mlflow_run_id"), "seconds": round(time.time() - t0, 3),
     }
     if out["mlflow_run_id"]:
-        _record(out, experiment)
+        run = tracking.StageRun(tracking.client(), out["mlflow_run_id"], experiment)
+        run.tags({tracking.TAG_BASE_RUN: base_run_id, tracking.TAG_BASE_CHECKPOINT: out["base_checkpoint"],
+                  "llmforge.finetune_mode": cfg.mode})
+        run.params({"finetune": {k: v for k, v in cfg.key_dict().items() if k not in ("train", "model")},
+                    "data": {k: v for k, v in data_info.items() if not isinstance(v, (dict, list))}})
+        run.json(out, SUMMARY_NAME)
     atomic_write_json(out_dir / SUMMARY_NAME, out)
     return out
 
@@ -310,8 +274,8 @@ def finetune(
 def export_model(final: Path, out_dir: Path, cfg: FinetuneConfig) -> dict[str, Path]:
     """Turn the last training checkpoint into ``out_dir/model.pt``: plain weights (LoRA merged),
     no optimizer state, loadable by every other tool with ``GPT(config)``."""
-    ckpt = load_checkpoint(final, map_location="cpu")
-    model_cfg = GPTConfig.from_dict(ckpt["config"]["model"], source=str(final))
+    ckpt = load_checkpoint(final, map_location="cpu")  # noqa: the training run's last checkpoint
+    model_cfg = GPTConfig.load(ckpt["config"]["model"], source=str(final))
     model = GPT(model_cfg)
     paths: dict[str, Path] = {}
     if cfg.mode == "lora":
@@ -335,23 +299,3 @@ def export_model(final: Path, out_dir: Path, cfg: FinetuneConfig) -> dict[str, P
     return paths
 
 
-def _record(out: dict[str, Any], experiment: str) -> None:
-    """Tag the training run as this fine-tune (linked to the base model's run) and attach the
-    stage's own params and summary."""
-    from mlflow.entities import Param, RunTag
-
-    from llmforge.pipeline import tracking
-
-    mlflow = tracking.setup(experiment)
-    client = mlflow.MlflowClient()
-    rid = out["mlflow_run_id"]
-    tags = {"llmforge.stage": "finetune", "llmforge.finetune_mode": out["mode"],
-            "llmforge.base_checkpoint": out["base_checkpoint"]}
-    if out["base_run_id"]:
-        tags["llmforge.base_run_id"] = out["base_run_id"]
-    data = {k: v for k, v in out["data"].items() if not isinstance(v, (dict, list))}
-    existing = client.get_run(rid).data.params  # params are write-once: a resumed run logged them already
-    params = [Param(k, str(v)[:6000]) for k, v in tracking.flatten({"finetune": {**out["config"], "data": data}}).items()
-              if k not in existing]
-    client.log_batch(rid, params=params, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.log_dict(rid, out, SUMMARY_NAME)

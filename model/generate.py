@@ -16,14 +16,35 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+from pydantic import Field
 
-from llmforge.model.checkpoint import CheckpointError, load_checkpoint, tokenizer_from_checkpoint
+from llmforge.config import Config
+from llmforge.errors import CheckpointError
+from llmforge.model.checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint
 from llmforge.model.gpt import GPT, GPTConfig, KVCache
+from llmforge.model.runtime import resolve_device
 
 REFILL_FRACTION = 0.75  # share of block_size kept when a full KV cache is re-prefilled
+DEFAULT_PROMPTS = ["The", "Once upon a time", "It was a dark and stormy night", "In the beginning",
+                   "The meaning of life is"]
+
+
+class SamplingConfig(Config):
+    """How the next token is picked; validated, so a bad value is a one-line error, never ignored."""
+
+    temperature: float = Field(0.8, ge=0, description="softmax temperature; 0 = greedy")
+    top_k: int | None = Field(None, ge=1, description="sample only among the k most likely tokens")
+    top_p: float | None = Field(None, gt=0, le=1, description="sample from the smallest set whose probability reaches p")
+    seed: int | None = Field(None, description="make sampling reproducible (the global RNG is not touched)")
+
+
+class GenerateOptions(Config):
+    """``llmforge generate``'s settings tree (``--set sampling.top_k=40``)."""
+
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
@@ -103,15 +124,59 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature:
     return idx
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> cuda if present, else mps, else cpu; anything else as given."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+def sample_texts(model: GPT, tok: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                 sampling: SamplingConfig, device: torch.device | None = None) -> list[dict[str, str]]:
+    """One completion per prompt: the one sampling routine of training, evaluation and the
+    pipeline. Each prompt follows an EOS (the start of a document, as in training); prompt ``i``
+    is sampled with seed ``sampling.seed + i`` (default seed 1337), so results are reproducible
+    and the training RNG stream is untouched. Generation stops at EOS."""
+    device = device or next(model.parameters()).device
+    seed = 1337 if sampling.seed is None else sampling.seed
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = [tok.eos_id] + list(tok.encode(prompt))
+        idx = torch.tensor([ids[-model.config.block_size:]], dtype=torch.long, device=device)
+        res = generate(model, idx, max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                       top_p=sampling.top_p, seed=seed + i, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+        new = [t for t in res[0, idx.size(1):].tolist() if t != tok.eos_id]
+        out.append({"prompt": prompt, "completion": tok.decode(new)})
+    return out
+
+
+def format_samples(samples: Sequence[dict[str, str]]) -> str:
+    return "\n\n".join(f"=== {s['prompt']!r}\n{s['prompt']}{s['completion']}" for s in samples) + "\n"
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas that are safe to print: text that
+    ends in an incomplete UTF-8 sequence (byte-fallback pieces, U+FFFD) is held back until the
+    remaining bytes arrive."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        text = self.decode(self.ids)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if text.startswith(self.emitted):
+            delta = text[len(self.emitted):]
+        else:  # never with our lossless tokenizer; print what follows the common prefix
+            common = 0
+            while common < min(len(text), len(self.emitted)) and text[common] == self.emitted[common]:
+                common += 1
+            delta = text[common:]
+        self.emitted = text
+        return delta
 
 
 def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,17 +195,18 @@ def model_config_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike =
     model_cfg = cfg.get("model", cfg)
     if not isinstance(model_cfg, dict) or "vocab_size" not in model_cfg:
         raise CheckpointError(f"{path}: checkpoint has no model config (config['model'] with vocab_size)")
-    return GPTConfig.from_dict(model_cfg, source=f"{path} config['model']")
+    return GPTConfig.load(model_cfg, source=f"{path} config['model']")
 
 
 def load_for_inference(checkpoint_path: str | os.PathLike, device: str | torch.device = "auto"):
-    """Model (eval mode, on ``device``), its SentencePiece processor and metadata, from one file.
+    """Model (eval mode, on ``device``), its tokenizer and metadata, from one file (or a run
+    directory's best checkpoint).
 
-    Returns ``(model, sentencepiece.SentencePieceProcessor, meta)`` where ``meta`` holds
-    ``path, step, val_loss, config, lineage``.
+    Returns ``(model, Tokenizer, meta)`` where ``meta`` holds ``path, step, val_loss, config,
+    lineage, sha256``.
     """
-    path = Path(checkpoint_path)
     dev = resolve_device(device) if isinstance(device, str) else device
+    path = find_checkpoint(checkpoint_path)
     ckpt = load_checkpoint(path, map_location="cpu")
     config = model_config_from_checkpoint(ckpt, path)
     model = GPT(config)
@@ -149,10 +215,10 @@ def load_for_inference(checkpoint_path: str | os.PathLike, device: str | torch.d
     except RuntimeError as e:
         raise CheckpointError(f"{path}: model weights do not match its own config: {e}") from e
     model.to(dev).eval()
-    sp = tokenizer_from_checkpoint(ckpt)
-    if sp.get_piece_size() > config.vocab_size:
-        raise CheckpointError(f"{path}: embedded tokenizer has {sp.get_piece_size()} pieces but the model "
+    tok = checkpoint_tokenizer(ckpt, path)
+    if tok.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{path}: embedded tokenizer has {tok.vocab_size} pieces but the model "
                               f"only {config.vocab_size}")
     meta = {"path": str(path), "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
-            "config": ckpt.get("config"), "lineage": ckpt.get("lineage")}
-    return model, sp, meta
+            "config": ckpt.get("config"), "lineage": ckpt.get("lineage"), "extra": ckpt.get("extra") or {}}
+    return model, tok, meta

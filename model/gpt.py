@@ -12,69 +12,98 @@ from the tokenizer / shard manifest at build time (``load_preset("tiny", vocab_s
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field, create_model, model_validator
 
-from llmforge.pipeline.fsutil import read_yaml_mapping
+from llmforge.config import Config, read_yaml
+from llmforge.errors import ConfigError, NotFound, did_you_mean
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 32000
-    block_size: int = 1024  # longest sequence the model sees (rotary tables are this long)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    bias: bool = False  # biases in Linear layers (GPT-2 had them; they buy nothing)
-    tie_embeddings: bool = True  # lm_head.weight is the token embedding matrix
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+class GPTConfig(Config):
+    """The model's shape. ``vocab_size`` comes from the tokenizer, the rest from a preset."""
 
-    def __post_init__(self) -> None:
+    vocab_size: int = Field(32000, gt=0, description="token ids the model knows (set from the tokenizer)")
+    block_size: int = Field(1024, gt=0, description="context length: longest sequence the model sees")
+    n_layer: int = Field(12, gt=0, description="transformer blocks")
+    n_head: int = Field(12, gt=0, description="attention heads per block")
+    n_embd: int = Field(768, gt=0, description="width of the residual stream")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden size as a multiple of n_embd")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings, attention and MLP outputs")
+    bias: bool = Field(False, description="biases in Linear layers (GPT-2 had them; they buy nothing)")
+    tie_embeddings: bool = Field(True, description="the LM head is the token embedding matrix")
+    rope_theta: float = Field(10000.0, gt=0, description="rotary position base")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "GPTConfig":
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2 != 0:
             raise ValueError(f"head size {self.n_embd // self.n_head} must be even for rotary embeddings")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        return self
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown model config key(s) {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
+def _optional_fields(exclude: set[str]) -> dict[str, Any]:
+    return {name: (Optional[f.annotation], Field(None, description=f.description))
+            for name, f in GPTConfig.model_fields.items() if name not in exclude}
+
+
+# The ``model:`` section of a recipe: a preset plus any GPTConfig field (None = the preset's).
+# Generated from GPTConfig so each field's help text is written once.
+ModelSpec = create_model(
+    "ModelSpec", __base__=Config,
+    preset=(str, Field("tiny", description="model preset: a name in configs/model or a YAML path")),
+    **_optional_fields({"vocab_size"}),
+)
+ModelSpec.__doc__ = "A model preset and the GPTConfig fields that override it (vocab_size comes from the data)."
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str) -> Path:
+    """``configs/model/<name>.yaml``, or a YAML path; a wrong name says which ones exist."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise NotFound(f"{p}: model preset file not found")
+        return p
+    p = PRESET_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        raise NotFound(did_you_mean(name_or_path, preset_names(), "model preset"))
+    return p
 
 
 def load_preset(name_or_path: str, **overrides: Any) -> GPTConfig:
-    """Build a GPTConfig from ``configs/model/<name>.yaml`` (or any YAML path) plus overrides."""
-    p = Path(name_or_path)
-    if not (p.suffix in (".yaml", ".yml") or p.is_file()):
-        p = PRESET_DIR / f"{name_or_path}.yaml"
-    if not p.is_file():
-        available = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"model preset {name_or_path!r} not found at {p}; available presets: {available}")
-    data = read_yaml_mapping(p, "a model preset")
+    """A GPTConfig from a preset plus overrides (``None`` values are ignored)."""
+    p = preset_path(name_or_path)
+    data = read_yaml(p, "a model preset")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return GPTConfig.from_dict(data, source=str(p))
+    return GPTConfig.load(data, source=str(p))
+
+
+def resolve_model(spec: Any, vocab_size: int, block_size: int | None = None) -> GPTConfig:
+    """The GPTConfig of a ``model:`` section for a tokenizer of ``vocab_size`` ids; a training
+    sequence length (``block_size``) sets a new model's context unless the section sets it."""
+    fields = {k: v for k, v in spec.model_dump().items() if k != "preset" and v is not None}
+    if block_size is not None and "block_size" not in fields:
+        fields["block_size"] = block_size
+    try:
+        return load_preset(spec.preset, vocab_size=vocab_size, **fields)
+    except ConfigError as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,11 +261,12 @@ class GPT(nn.Module):
             n -= self.transformer.wte.weight.numel()
         return n
 
-    def flops_per_token(self) -> int:
+    def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT's
-        ``estimate_mfu``: 6N for the matmuls plus 12*L*H*Q*T for attention over a full block."""
+        ``estimate_mfu``: 6N for the matmuls plus 12*L*H*Q*T for attention over sequences of
+        ``seq_len`` tokens (default: the full context)."""
         cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * (seq_len or cfg.block_size)
 
     def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache sized for this model (``max_len`` defaults to ``block_size``)."""
@@ -245,10 +275,11 @@ class GPT(nn.Module):
                        self.config.head_dim, device=p.device, dtype=p.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits and (with ``targets``) the mean cross-entropy, ignoring target ``-100``.
+                kv_cache: KVCache | None = None, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and (with ``targets``) the cross-entropy, ignoring target ``-100``.
 
-        - with targets: logits ``[B, T, V]`` and the loss (computed in float32);
+        - with targets: logits ``[B, T, V]`` and the loss in float32: the mean over scored
+          targets, their ``"sum"``, or per position (``"none"``, ``[B, T]``, 0 where ignored);
         - no targets, no cache: logits of the last position only, ``[B, 1, V]``;
         - with ``kv_cache``: logits ``[B, T, V]`` for the tokens fed, which sit at positions
           ``kv_cache.pos ...``; their keys/values are appended and ``pos`` advances by ``T``.
@@ -268,8 +299,8 @@ class GPT(nn.Module):
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
-            return logits, loss
+                                   ignore_index=-100, reduction=reduction)
+            return logits, loss.view(B, T) if reduction == "none" else loss
         if kv_cache is not None:
             return self.lm_head(x), None
         return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed

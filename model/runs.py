@@ -16,9 +16,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
-PIPELINE_TAG = "llmforge.pipeline"
-STAGE_TAG = "llmforge.stage"
-PARENT_TAG = "mlflow.parentRunId"
+from llmforge import tracking
+
+PIPELINE_TAG = tracking.TAG_PIPELINE
+STAGE_TAG = tracking.TAG_STAGE
+PARENT_TAG = tracking.TAG_PARENT
 
 
 @dataclass
@@ -76,7 +78,7 @@ def human_count(n: int | None) -> str:
 
 
 def _duration(run: Any, metrics: dict[str, float], now_ms: int) -> float | None:
-    if (d := _num(metrics.get("duration_s"))) is not None:
+    if (d := _num(metrics.get(tracking.DURATION_S))) is not None:
         return d
     start, end = run.info.start_time, run.info.end_time
     if start is None:
@@ -117,16 +119,16 @@ def row_for(run: Any, train_child: Any | None = None, now_ms: int | None = None)
         start_time=(dt.datetime.fromtimestamp(start / 1000, dt.timezone.utc).isoformat(timespec="seconds")
                     if start else None),
         duration_s=_duration(run, m, now_ms),
-        corpus=_first(p, "corpus", "corpus.name") or t.get("llmforge.corpus"),
-        preset=_first(p, "preset", "train.preset"),
+        corpus=_first(p, "corpus", "corpus.name") or t.get(tracking.TAG_CORPUS),
+        preset=t.get(tracking.TAG_RECIPE) or _first(p, "recipe", "preset", "model.preset"),
         model=model,
         params=n_params,
         steps=_int(_first(m, "train_steps") if stage == "pipeline" else None)
         or _int(_first(train_params, "train.max_steps")) or _int(_first(p, "train.max_steps")),
-        val_loss=_num(_first(m, "val_loss", "val/loss", "eval_val_loss")) or _num(train_m.get("val/loss")),
-        bpb=_num(_first(m, "eval_val_bpb", "val_bpb")),
-        ft_bpb=_num(m.get("ft_eval_val_bpb")),
-        tokens_per_s=_num(_first(m, "tokens_per_s")) or _num(train_m.get("tokens_per_s")),
+        val_loss=_num(m.get(tracking.VAL_LOSS)) or _num(train_m.get(tracking.VAL_LOSS)),
+        bpb=_num(m.get(tracking.VAL_BPB)),
+        ft_bpb=_num(m.get("ft/" + tracking.VAL_BPB)),
+        tokens_per_s=_num(m.get(tracking.TOKENS_PER_S)) or _num(train_m.get(tracking.TOKENS_PER_S)),
     )
 
 

@@ -42,8 +42,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from llmforge.errors import DataError, NotFound
 from llmforge.model.data import IGNORE_INDEX, to_device
 
 INSTRUCTION_HEADER = "### Instruction:\n"
@@ -101,22 +101,20 @@ def _parse_record(obj: Any) -> SFTExample:
 
 
 def load_sft_jsonl(path: str | os.PathLike) -> tuple[list[SFTExample], list[BadLine]]:
-    """Read a prompt/response JSONL. Returns (examples, bad lines); raises when nothing is usable."""
+    """Read a prompt/response JSONL. Returns (examples, bad lines); raises when nothing is usable.
+    Lines are decoded one at a time, so a line that is not UTF-8 costs that line only."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such SFT file")
+        raise NotFound(f"{path}: no such SFT file" + (" (it is a directory)" if path.is_dir() else ""))
     examples: list[SFTExample] = []
     bad: list[BadLine] = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        lineno = 0
-        while True:
-            lineno += 1
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e})") from e
-            if not line:
-                break
+                bad.append(BadLine(lineno, f"not UTF-8 text (byte {e.start})"))
+                continue
             if not line.strip():
                 continue
             try:
@@ -127,7 +125,7 @@ def load_sft_jsonl(path: str | os.PathLike) -> tuple[list[SFTExample], list[BadL
                 bad.append(BadLine(lineno, str(e)))
     if not examples:
         detail = "; ".join(f"line {b.line}: {b.reason}" for b in bad[:5]) or "the file is empty"
-        raise ValueError(f"{path}: no usable prompt/response records ({len(bad)} bad lines: {detail})")
+        raise DataError(f"{path}: no usable prompt/response records ({len(bad)} bad lines: {detail})")
     return examples, bad
 
 
@@ -192,7 +190,7 @@ def build_rows(
             stats["truncated"] += 1
         pieces.append(example_arrays(ids, n_prompt))
     if not pieces:
-        raise ValueError(
+        raise DataError(
             f"all {len(examples)} examples have prompts of {block_size} tokens or more, the model's context "
             f"(block_size={block_size}); nothing is left to learn from"
         )
@@ -265,43 +263,34 @@ class SFTBatcher:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "sft" or state.get("digest") != self._digest:
-            raise ValueError(
+            raise DataError(
                 f"resuming an SFT run on different data: checkpoint has {state.get('rows')} rows "
                 f"(digest {state.get('digest')}), this file gives {len(self.x)} rows (digest {self._digest})"
             )
         self.seed = int(state["seed"])
 
 
-class SFTEvalSource:
-    """Every row once, in order, for validation loss (``eval_batches()``, as the trainer wants);
-    under DDP rank r takes batches r, r + W, ... so the ranks' sums add up to the whole."""
+class SFTScorer:
+    """Validation loss over SFT rows (response tokens + EOS only), through the one held-out
+    scorer; under DDP rank r scores batches r, r + W, ... and the sums add up to the whole."""
 
-    def __init__(self, rows: SFTRows, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu"):
-        self.x, self.y = rows.x, rows.y
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.device = torch.device(device)
+    def __init__(self, rows: SFTRows, batch_size: int = 8):
+        self.x, self.y, self.batch_size = rows.x, rows.y, batch_size
 
-    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, dist: Any = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
         for b, i in enumerate(range(0, len(self.x), self.batch_size)):
-            if b % self.world_size == self.rank:
-                sl = slice(i, i + self.batch_size)
-                yield to_device(self.x[sl], self.device), to_device(self.y[sl], self.device)
+            if b % world == rank:
+                yield torch.from_numpy(self.x[i : i + self.batch_size]), torch.from_numpy(self.y[i : i + self.batch_size])
+
+    def score(self, model: nn.Module, *, device: torch.device, dtype: torch.dtype = torch.float32,
+              dist: Any = None) -> dict[str, float]:
+        from llmforge.model.evaluate import score_batches
+
+        total, count = score_batches(model, self.batches(dist), device=device, dtype=dtype)
+        return {"loss": total / max(count, 1), "tokens": count}
 
 
-@torch.no_grad()
 def response_loss(model: nn.Module, rows: SFTRows, *, batch_size: int = 8, device: str | torch.device = "cpu") -> float:
     """Mean cross-entropy (nats) over the response tokens (+ EOS) of all rows."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(rows.x), batch_size):
-        x = torch.from_numpy(rows.x[i : i + batch_size]).to(device)
-        y = torch.from_numpy(rows.y[i : i + batch_size]).to(device)
-        logits, _ = model(x, y)
-        total += F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        count += int((y != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1)
+    return SFTScorer(rows, batch_size).score(model, device=torch.device(device))["loss"]

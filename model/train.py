@@ -1,168 +1,141 @@
-"""The training loop: pretraining over token shards, and the loop fine-tuning reuses.
+"""The train stage: pretraining over token shards, and the loop fine-tuning reuses.
 
-``train(cfg, data_dir, out_dir)`` builds the GPT of a preset (or starts from the weights of
-``init_from``), then runs: linear warm-up and cosine decay to ``min_lr``, gradient
-accumulation, clipping (the pre-clip grad norm is recorded), bf16 autocast on CUDA, optional
-``torch.compile``, DDP under ``torchrun``. A step whose loss or grad norm is not finite is
-skipped and counted; ``max_bad_steps`` of them in a row stop the run with
-:class:`TrainingDiverged`, leaving the last good checkpoint in place.
+Read top to bottom, :func:`train` is: find where the run starts (its own newest checkpoint, a
+base checkpoint's weights, or a fresh preset), build the model, optimizer and batches, then loop:
+set the learning rate, accumulate gradients over micro-batches, clip, step (skipping a step whose
+loss or gradient is not finite), log, validate, checkpoint, stop on a signal or a time limit.
+Everything a bit-identical resume needs goes through :class:`~llmforge.model.checkpoint.CheckpointManager`;
+everything MLflow sees goes through :mod:`llmforge.tracking`; devices and precision come from
+:mod:`llmforge.model.runtime`; held-out loss from :func:`llmforge.model.evaluate.score_split`, the
+same scorer ``llmforge evaluate`` uses. Several processes: :mod:`llmforge.model.launch`.
 
-Everything a bit-identical resume needs goes through :class:`model.checkpoint.CheckpointManager`
-(model, optimizer, schedule position, data state, RNG states, config, lineage, tokenizer) every
-``ckpt_every`` steps, at the end, and when SIGINT/SIGTERM or ``max_minutes`` ends the run early.
 Running ``train`` again on the same ``out_dir`` resumes from its newest checkpoint and keeps
-logging to the same MLflow run. Batches come from :class:`model.data.ShardBatcher` unless the
-caller plugs in any :class:`model.data.BatchSource` (fine-tuning with loss masks does).
-
-``python -m model.train --config cfg.json --data DIR --out DIR`` is the worker entry point
-that ``torchrun`` starts (see :func:`launch`).
+logging to the same MLflow run. Batches come from :class:`~llmforge.model.data.ShardBatcher`
+unless the caller plugs in any :class:`~llmforge.model.data.BatchSource` (fine-tuning with loss
+masks does).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Literal
 
 import torch
-import torch.nn as nn
+from pydantic import Field, model_validator
 
+from llmforge import tracking
+from llmforge.config import Config, control, read_yaml
+from llmforge.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from llmforge.model.checkpoint import (
-    CheckpointError,
     CheckpointManager,
     capture_rng_state,
+    find_checkpoint,
     load_checkpoint,
     restore_rng_state,
+    tokenizer_bytes,
 )
-from llmforge.model.data import IGNORE_INDEX, BatchSource, ShardBatcher, ShardEvalSource
-from llmforge.model.gpt import GPT, GPTConfig, load_preset
-from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, atomic_write_text, read_json
+from llmforge.model.data import BatchSource, ShardBatcher
+from llmforge.model.evaluate import SplitScorer
+from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
+from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, resolve_model
+from llmforge.model.runtime import DistInfo, all_reduce, autocast, peak_flops, resolve_device, resolve_dtype
+from llmforge.pipeline.fsutil import atomic_write_json, atomic_write_text, read_json
 from llmforge.pipeline.shards import Dataset
+from llmforge.stage import Stage
 
 SUMMARY_NAME = "summary.json"
-EVAL_STEP_BASE = 1 << 40  # a plugged BatchSource without eval_batches() is evaluated at these steps
-DEFAULT_PROMPTS = ["The ", "def ", "In the beginning", "Once upon a time"]
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 
-# dense bf16 tensor-core peak, FLOP/s, matched against torch.cuda.get_device_name()
-# (first match wins, so the more specific names come first)
-PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("B100", 1.75e15),
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM / NVL
-    ("H800", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("A6000", 155e12),
-    ("A40", 150e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("MI300X", 1307e12),
-    ("MI250", 362e12),
-]
+__all__ = ["TrainConfig", "TrainRecipe", "TrainStage", "TrainingDiverged", "train", "lr_factor", "load_recipe"]
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
+class TrainConfig(Config):
+    """The training loop's settings (the ``train:`` section of a recipe)."""
 
+    block_size: int | None = Field(None, gt=0, description="tokens per training sequence (default: the model's "
+                                   "context; a new model's context defaults to it)")
+    batch_size: int = Field(16, gt=0, description="sequences per micro-batch per process")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_steps: int = Field(2000, gt=0, description="optimizer steps; also the horizon of the schedule")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr: float | None = Field(None, ge=0, description="final learning rate of the decay (default: lr/10)")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices and embeddings")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
+    grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0 = off")
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw, or muon for the hidden matrices + "
+                                                "adamw for the rest")
+    eval_every: int = Field(250, ge=0, description="validation every N steps; 0 = only at the end")
+    eval_tokens: int | None = Field(262_144, gt=0, description="validation tokens per evaluation (whole "
+                                    "documents, as llmforge evaluate --max-tokens); none = the whole split")
+    seed: int = Field(1337, description="seed for the weights and the batch sequence")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere")
+    train_split: str = Field("train", description="split of the dataset to train on")
+    val_split: str = Field("val", description="split of the dataset to validate on")
+    # how the run is watched, bounded and where it runs: not part of the run's key
+    device: str = control("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N")
+    compile: bool = control(False, "torch.compile the model (faster on GPU after warm-up)")
+    max_minutes: float | None = control(None, "stop after M minutes with a checkpoint (re-run to continue)", gt=0)
+    log_every: int = control(10, "a progress line every N steps", gt=0)
+    ckpt_every: int = control(500, "checkpoint every N steps; 0 = only at the end", ge=0)
+    keep_last: int = control(3, "checkpoints kept besides best.pt", gt=0)
+    max_bad_steps: int = control(10, "consecutive non-finite steps tolerated before the run stops", gt=0)
+    sample_every: int = control(0, "sample text every N steps; 0 = only at the end", ge=0)
+    sample_prompts: list[str] = control(list(DEFAULT_PROMPTS[:4]), "prompts for the samples")
+    sample_tokens: int = control(64, "tokens per sample", ge=0)
+    peak_tflops: float | None = control(None, "the GPU's dense bf16 TFLOP/s, for MFU when it is not in the "
+                                        "built-in table", gt=0)
+    log_checkpoints: bool = control(True, "copy the final and best checkpoints into the MLflow run")
 
-@dataclass
-class TrainConfig:
-    """Everything that shapes a training run. ``model`` overrides fields of the preset."""
-
-    preset: str = "tiny"
-    model: dict[str, Any] = field(default_factory=dict)  # e.g. {"n_layer": 2, "dropout": 0.1}
-    block_size: int | None = None  # None: the preset's block_size
-    batch_size: int = 16  # sequences per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 2000  # optimizer steps; also the horizon of the cosine schedule
-    lr: float = 1e-3
-    min_lr: float | None = None  # None: lr / 10
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still recorded)
-    optimizer: str = "adamw"  # "adamw" | "muon"
-    eval_every: int = 250  # 0: only at the end
-    eval_tokens: int | None = 262_144  # target tokens of the val split per evaluation; None: all
-    eval_iters: int = 20  # batches per evaluation for a plugged val source without eval_batches()
-    log_every: int = 10
-    ckpt_every: int = 500  # 0: only at the end
-    keep_last: int = 3
-    seed: int = 1337
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
-    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere) | "float32" | "bfloat16" | "float16"
-    compile: bool = False
-    max_bad_steps: int = 10  # consecutive non-finite steps tolerated before giving up
-    max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time
-    sample_every: int = 0  # 0: samples only at the end
-    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    sample_tokens: int = 64
-    sample_top_k: int | None = 40  # None: greedy
-    sample_temperature: float = 0.8
-    peak_tflops: float | None = None  # per-device bf16 peak for MFU when the GPU is not in the table
-    log_checkpoints: bool = True  # copy the final and best checkpoints into the MLflow run
-    train_split: str = "train"
-    val_split: str = "val"
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        self.sample_prompts = list(self.sample_prompts)
-
-    def validate(self) -> None:
-        problems = []
-        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_last", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "sample_every", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0 (got {self.lr})")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            problems.append(f"min_lr must be in [0, lr] (got {self.min_lr} with lr {self.lr})")
-        if self.optimizer not in ("adamw", "muon"):
-            problems.append(f"optimizer must be 'adamw' or 'muon' (got {self.optimizer!r})")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            problems.append(f"dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            problems.append(f"max_minutes must be > 0 (got {self.max_minutes})")
-        if problems:
-            raise ValueError("invalid training config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "train config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown training option(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
 
     @property
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+class TrainRecipe(Config):
+    """A training recipe (``configs/train/*.yaml``, ``--config FILE``): the model and the loop."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    name: str | None = control(None, "the recipe's name (its file's stem)")
+
+    @property
+    def label(self) -> str:
+        """What a run of this recipe is called: the recipe name, else the preset's."""
+        return self.name or Path(self.model.preset).stem
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """The mapping in a recipe file (``configs/train/<name>.yaml`` or any YAML path)."""
+    from llmforge.errors import NotFound, did_you_mean
+
+    p = Path(name_or_path)
+    if not (p.suffix in (".yaml", ".yml") or p.exists()):
+        p = RECIPE_DIR / f"{name_or_path}.yaml"
+        if not p.is_file():
+            raise NotFound(f"--config {name_or_path}: " + did_you_mean(name_or_path, recipe_names(), "recipe"))
+    data = read_yaml(p, "a training recipe")
+    data.setdefault("name", p.stem)
+    return data
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -176,188 +149,175 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# devices, precision, distributed
+# the stage
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
+class TrainStage(Stage):
+    """Train (or resume) a recipe on a token dataset.
+
+    Output: a run directory, ``<runs_root>/train-<recipe or preset>-<key>`` unless ``out_dir``
+    names one, holding ``ckpt-*.pt``, ``best.pt``, ``latest.json`` and, once finished,
+    ``summary.json``. The key covers the recipe (control fields excluded), the dataset and the
+    initial weights, so the same command lands in the same directory and resumes there.
+    """
+
+    name = "train"
+
+    def __init__(self, recipe: TrainRecipe, data_dir: str | os.PathLike, *, out_dir: str | os.PathLike | None = None,
+                 init_from: str | os.PathLike | None = None, runs_root: str | os.PathLike = "runs"):
+        self.config = recipe
+        self.data_dir = Path(data_dir)
+        self.dataset = Dataset.open(data_dir)
+        for split in (recipe.train.train_split,):
+            if split not in self.dataset.splits():
+                raise DataError(f"{self.dataset.root}: no {split!r} split to train on "
+                                f"(has {', '.join(self.dataset.splits())})")
+        self.init_from = find_checkpoint(init_from) if init_from is not None else None
+        self._out = Path(out_dir) if out_dir is not None else None
+        self.runs_root = Path(runs_root)
+        if self.init_from is None:  # a fresh model: its preset and fields must make a valid model
+            model = resolve_model(recipe.model, self.dataset.vocab_size, recipe.train.block_size)
+            if recipe.train.block_size and recipe.train.block_size > model.block_size:
+                raise ConfigError(f"train.block_size {recipe.train.block_size} exceeds the model's context "
+                                  f"{model.block_size} (model.block_size)")
+
+    def inputs(self) -> Any:
+        return [self.dataset.fingerprint, str(self.init_from.resolve()) if self.init_from else None]
 
     @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+    def out_dir(self) -> Path:
+        return self._out or self.runs_root / f"train-{self.config.label}-{self.key}"
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def completed(self) -> dict[str, Any] | None:
+        """The summary of a run that finished its schedule (its final checkpoint still there)."""
+        try:
+            summary = read_json(self.out_dir / SUMMARY_NAME)
+        except (FileNotFoundError, ValueError):
+            return None
+        ckpt = summary.get("checkpoint")
+        if summary.get("status") != "completed" or summary.get("step") != self.config.train.max_steps:
+            return None
+        return summary if ckpt and Path(ckpt).is_file() else None
 
-    @classmethod
-    def from_env(cls) -> "DistInfo":
-        return cls(
-            rank=int(os.environ.get("RANK", 0)),
-            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-            world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        )
+    def run(self, *, nproc: int = 1, experiment: str = tracking.EXPERIMENT,
+            parent_run_id: str | None = None) -> dict[str, Any]:
+        if nproc > 1:
+            from llmforge.model.launch import launch
 
-
-def resolve_device(name: str, dist: DistInfo) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU (use --device cpu)")
-        if device.index is None:
-            device = torch.device("cuda", dist.local_rank if dist.enabled else torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
-    """Per-device dense bf16 peak (FLOP/s) for MFU, or None when unknown (then no MFU)."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in name.lower():
-            return flops
-    return None
-
-
-def _all_reduce(t: torch.Tensor, op: str = "avg") -> torch.Tensor:
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        if op == "avg":
-            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-            t /= tdist.get_world_size()
-        else:
-            tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}[op])
-    return t
+            return launch(self.config, self.data_dir, self.out_dir, nproc, init_from=self.init_from,
+                          experiment=experiment, parent_run_id=parent_run_id)
+        return train(self.config, self.data_dir, self.out_dir, init_from=self.init_from, experiment=experiment,
+                     parent_run_id=parent_run_id)
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluation and samples
+# where a run starts
 
 
-def _eval_batches(source: Any, iters: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(source, "eval_batches"):
-        return source.eval_batches()
-    # a plain BatchSource: a fixed set of batches, drawn at "steps" that training never reaches
-    return (source.get_batch(EVAL_STEP_BASE + i, 0) for i in range(iters))
+@dataclass
+class Start:
+    """Resume (this run's newest checkpoint) > init_from (a base checkpoint's weights, fresh
+    optimizer) > fresh (a preset); with the model config and tokenizer that go with it."""
+
+    model_cfg: GPTConfig
+    resume: dict | None
+    resume_path: Path | None
+    base: dict | None
+    base_path: Path | None
+    tokenizer: bytes | None
+    tokenizer_fingerprint: str | None
 
 
-@torch.no_grad()
-def evaluate_loss(
-    model: nn.Module, source: Any, device: torch.device, autocast: Any, iters: int = 20
-) -> float:
-    """Mean cross-entropy over every non-ignored target of the source (summed across ranks)."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in _eval_batches(source, iters):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        n = (y != IGNORE_INDEX).sum()
-        if n == 0:
-            continue
-        with autocast():
-            _, loss = model(x, y)
-        total[0] += loss.double() * n
-        total[1] += n
-    model.train(was_training)
-    _all_reduce(total, "sum")
-    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+ARCHITECTURE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "bias", "tie_embeddings",
+                       "rope_theta", "norm_eps")
 
 
-@torch.no_grad()
-def sample_texts(model: GPT, tokenizer_bytes: bytes | None, cfg: TrainConfig, device: torch.device) -> str:
-    """Continuations of the fixed prompts, decoded. Sampling uses its own seeded generator
-    (``model.generate``), so the training RNG stream, and with it resume, is untouched."""
-    if not tokenizer_bytes or not cfg.sample_prompts:
-        return ""
-    from llmforge.model.generate import generate
-    from llmforge.pipeline.tokenizer import Tokenizer
+def _newest_loadable(out_dir: Path, dist: DistInfo) -> tuple[dict | None, Path | None]:
+    """Rank 0 picks the newest checkpoint that loads (a damaged one is skipped, kept); all
+    ranks load the same one."""
+    resume, path = None, None
+    if dist.is_main and out_dir.is_dir():
+        for _, p in reversed(CheckpointManager.list(out_dir)):
+            try:
+                resume, path = load_checkpoint(p, map_location="cpu"), p
+                break
+            except CheckpointError as e:
+                print(f"warning: skipping unreadable checkpoint: {e}", file=sys.stderr, flush=True)
+    if dist.enabled:
+        import torch.distributed as tdist
 
-    tok = Tokenizer(tokenizer_bytes)
-    was_training = model.training
-    out = []
-    for prompt in cfg.sample_prompts:
-        ids = torch.tensor([tok.encode(prompt)[-model.config.block_size:]], dtype=torch.long, device=device)
-        seq = generate(model, ids, cfg.sample_tokens, temperature=cfg.sample_temperature if cfg.sample_top_k else 0.0,
-                       top_k=cfg.sample_top_k, seed=cfg.seed, eos_id=tok.eos_id)
-        new = [t for t in seq[0, ids.size(1):].tolist() if t != tok.eos_id]
-        out.append(f"### {prompt!r}\n{prompt}{tok.decode(new)}\n")
-    model.train(was_training)
-    return "\n".join(out)
+        box = [str(path) if path else None]
+        tdist.broadcast_object_list(box, src=0)
+        path = Path(box[0]) if box[0] else None
+        if path is not None and not dist.is_main:
+            resume = load_checkpoint(path, map_location="cpu")
+    return resume, path
 
 
-def plot_loss_curve(run_id: str, path: Path) -> Path | None:
-    """train/val loss against step from the run's MLflow history, as a PNG."""
-    import matplotlib
+def starting_point(recipe: TrainRecipe, dataset: Dataset | None, out_dir: Path, dist: DistInfo,
+                   init_from: str | os.PathLike | None) -> Start:
+    cfg = recipe.train
+    resume, resume_path = _newest_loadable(out_dir, dist)
+    if resume is not None and resume["config"].get("train", {}).get("seed", cfg.seed) != cfg.seed:
+        raise ConfigError(f"{resume_path}: checkpoint was trained with seed {resume['config']['train']['seed']}, "
+                          f"this config has seed {cfg.seed} (resuming would change the batches)")
+    base_path = find_checkpoint(init_from) if init_from is not None else None
+    base = load_checkpoint(base_path, map_location="cpu") if base_path is not None else None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import mlflow
+    tok, tok_fp = None, None
+    if dataset is not None:
+        tok, tok_fp = dataset.tokenizer_path.read_bytes(), dataset.manifest["tokenizer"].get("fingerprint")
+    if base is not None:
+        base_fp = (base.get("lineage") or {}).get("tokenizer_fingerprint")
+        if tok_fp and base_fp and base_fp != tok_fp:
+            raise DataError(f"{base_path}: model was trained with tokenizer {base_fp} but {dataset.root} is "
+                            f"tokenized with {tok_fp}; token ids would mean different things (prepare the data "
+                            f"with this model's tokenizer: llmforge prepare --tokenizer)")
+        tok, tok_fp = tok or tokenizer_bytes(base), tok_fp or base_fp
+    if tok is None and resume is not None:
+        tok = tokenizer_bytes(resume)
 
-    client = mlflow.MlflowClient()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    any_data = False
-    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
-        points = {m.step: m.value for m in client.get_metric_history(run_id, key)}  # last write wins
-        if points:
-            steps = sorted(points)
-            ax.plot(steps, [points[s] for s in steps], style, label=key, markersize=3)
-            any_data = True
-    if not any_data:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    overrides = {k: v for k, v in recipe.model.model_dump().items() if k != "preset" and v is not None}
+    if resume is not None:
+        model_cfg = GPTConfig.load(resume["config"]["model"], source=str(resume_path))
+    elif base is not None:
+        base_model = base["config"]["model"]
+        changed = [k for k in ARCHITECTURE_FIELDS if k in overrides and overrides[k] != base_model.get(k)]
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"model.{k}={overrides[k]}: the model's shape comes from {base_path} "
+                              f"({k}={base_model.get(k)}); only model.dropout can change when starting from a checkpoint")
+        model_cfg = GPTConfig.load({**base_model, **overrides}, source=str(base_path))
+    else:
+        model_cfg = resolve_model(recipe.model, dataset.vocab_size, cfg.block_size)
+    if dataset is not None and dataset.vocab_size > model_cfg.vocab_size:
+        raise DataError(f"{dataset.root}: tokenizer has {dataset.vocab_size} tokens but the model's vocab_size "
+                        f"is {model_cfg.vocab_size}")
+    return Start(model_cfg, resume, resume_path, base, base_path, tok, tok_fp)
 
 
 # ---------------------------------------------------------------------------------------------
 # the loop
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag the loop checks after each step (main thread only)."""
+class StopFlag:
+    """SIGINT/SIGTERM set a flag the loop checks after each step (main thread only); a second
+    signal stops at once."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> "StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a Prefect worker thread)
+            except ValueError:  # not the main thread
                 pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:  # second signal: stop now
+        if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
         print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then checkpointing", flush=True)
@@ -367,127 +327,59 @@ class _StopFlag:
             signal.signal(sig, prev)
 
 
-def _resolve_init(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run directory's best.pt (else its newest ckpt-*.pt)."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / "best.pt").is_file():
-            return p / "best.pt"
-        found = sorted(p.glob("ckpt-*.pt"))
-        if found:
-            return found[-1]
-        raise FileNotFoundError(f"{p}: no checkpoint (ckpt-*.pt or best.pt) to initialise from")
-    if not p.is_file():
-        raise FileNotFoundError(f"init_from checkpoint not found: {p}")
-    return p
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-@dataclass
-class _Start:
-    """Where a run starts: its own newest checkpoint (resume), a base checkpoint's weights
-    (init_from), or a fresh preset; with the model config and tokenizer that go with it."""
+class Progress:
+    """``step 120/480 (25%) | loss 4.21 | ... | 3,300 tok/s | 1m02s, ETA 3m07s``."""
 
-    model_cfg: GPTConfig
-    resume: dict | None
-    resume_path: Path | None
-    base: dict | None
-    base_path: Path | None
-    tokenizer_bytes: bytes | None
-    tokenizer_fingerprint: str | None
+    def __init__(self, start_step: int, max_steps: int):
+        self.start_step, self.max_steps = start_step, max_steps
+        self.t0 = time.perf_counter()
 
-
-def _starting_point(cfg: TrainConfig, dataset: Dataset | None, data_dir: Any, out_dir: Path, dist: DistInfo,
-                    init_from: str | os.PathLike | None) -> _Start:
-    """Resume > init_from > fresh. Rank 0 picks the checkpoint to resume; all ranks load it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resume, resume_path = None, None
-    if dist.is_main:  # the newest checkpoint that loads (a damaged newest one is skipped, kept)
-        for _, path in reversed(CheckpointManager(out_dir, keep_last=cfg.keep_last).checkpoints()):
-            try:
-                resume, resume_path = load_checkpoint(path, map_location="cpu"), path
-                break
-            except CheckpointError as e:
-                print(f"warning: skipping unreadable checkpoint: {e}", file=sys.stderr, flush=True)
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        box = [str(resume_path) if resume_path else None]
-        tdist.broadcast_object_list(box, src=0)
-        resume_path = Path(box[0]) if box[0] else None
-        if resume_path is not None and not dist.is_main:
-            resume = load_checkpoint(resume_path, map_location="cpu")
-    if resume is not None:
-        if resume["config"].get("train", {}).get("seed", cfg.seed) != cfg.seed:
-            raise ValueError(f"{resume_path}: checkpoint was trained with seed "
-                             f"{resume['config']['train']['seed']}, this config has seed {cfg.seed}")
-    base = None
-    base_path = None
-    if init_from is not None:
-        base_path = _resolve_init(init_from)
-        base = load_checkpoint(base_path, map_location="cpu")
-
-    tokenizer_bytes: bytes | None = None
-    tok_fp = None
-    if dataset is not None:
-        tokenizer_bytes = dataset.tokenizer_path.read_bytes()
-        tok_fp = dataset.manifest["tokenizer"].get("fingerprint")
-    if base is not None:
-        base_tok_fp = base.get("lineage", {}).get("tokenizer_fingerprint")
-        if tok_fp and base_tok_fp and base_tok_fp != tok_fp:
-            raise ValueError(
-                f"{base_path}: model was trained with tokenizer {base_tok_fp} but {data_dir} is tokenized "
-                f"with {tok_fp}; token ids would mean different things (re-tokenize with the model's tokenizer)")
-        if tokenizer_bytes is None and base.get("tokenizer") is not None:
-            tokenizer_bytes = base["tokenizer"].cpu().numpy().tobytes()
-        tok_fp = tok_fp or base_tok_fp
-    if tokenizer_bytes is None and resume is not None and resume.get("tokenizer") is not None:
-        tokenizer_bytes = resume["tokenizer"].cpu().numpy().tobytes()
-    if resume is not None:
-        model_cfg = GPTConfig.from_dict(resume["config"]["model"], source=str(resume_path))
-    elif base is not None:
-        model_cfg = GPTConfig.from_dict({**base["config"]["model"], **cfg.model}, source=str(base_path))
-    else:
-        model_cfg = load_preset(cfg.preset, vocab_size=dataset.vocab_size, **{
-            **({"block_size": cfg.block_size} if cfg.block_size else {}), **cfg.model})
-    if dataset is not None and dataset.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"{data_dir}: tokenizer has {dataset.vocab_size} tokens but the model's vocab_size "
-                         f"is {model_cfg.vocab_size}")
-
-    return _Start(model_cfg, resume, resume_path, base, base_path, tokenizer_bytes, tok_fp)
+    def line(self, step: int, loss: float, lr: float, norm: float, tok_s: float, mfu: float | None) -> str:
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start_step
+        eta = elapsed / done * (self.max_steps - step) if done else float("nan")
+        pct = 100 * step / self.max_steps
+        return (f"step {step:>6}/{self.max_steps} ({pct:3.0f}%) | loss {loss:.4f} | lr {lr:.2e} | "
+                f"grad norm {norm:.3f} | {tok_s:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
+                + f" | {_clock(elapsed)}" + (f", ETA {_clock(eta)}" if math.isfinite(eta) and step < self.max_steps
+                                             else ""))
 
 
 def train(
-    cfg: TrainConfig,
+    recipe: TrainRecipe,
     data_dir: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     *,
     init_from: str | os.PathLike | None = None,
     batcher: BatchSource | Callable[[int, int, torch.device], BatchSource] | None = None,
-    val_batcher: Any = None,
-    experiment: str = "llmforge",
+    val_source: Any = None,
+    experiment: str = tracking.EXPERIMENT,
     parent_run_id: str | None = None,
     run_name: str | None = None,
+    stage: str = "train",
     prepare_model: Callable[[GPT], None] | None = None,
     lineage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume training) and return a summary dict.
 
-    - ``data_dir``: a token dataset (``pipeline.shards``); may be None when ``batcher`` is given
-      and ``init_from`` supplies the model config and tokenizer.
-    - ``batcher`` / ``val_batcher``: a :class:`~model.data.BatchSource` (or a factory
-      ``(rank, world_size, device) -> BatchSource``) and an eval source (``eval_batches()`` or
-      a BatchSource); defaults read the dataset's train / val splits.
-    - ``init_from``: start from this checkpoint's weights (file, or run directory: its best.pt
-      or newest checkpoint), with a fresh optimizer. Ignored when ``out_dir`` already has a
-      checkpoint: then the run resumes from that.
-    - ``prepare_model``: called on the model after initial weights are loaded and before the
-      optimizer is built (e.g. to add LoRA adapters); only parameters that still require grad
-      are optimised.
-    - ``lineage``: extra lineage entries recorded in checkpoints and MLflow params.
+    - ``data_dir``: a token dataset; may be None when ``batcher`` is given and ``init_from``
+      supplies the model config and tokenizer.
+    - ``batcher`` / ``val_source``: a :class:`~llmforge.model.data.BatchSource` and an object with
+      ``score(model, device=, dtype=, dist=) -> {"loss", ...}`` (or factories
+      ``(rank, world_size, device) -> ...``); defaults read the dataset's train / val splits.
+    - ``init_from``: start from this checkpoint's weights (file or run directory) with a fresh
+      optimizer; ignored when ``out_dir`` already has a checkpoint, which is resumed instead.
+    - ``prepare_model``: called on the model after its initial weights are loaded and before the
+      optimizer is built (e.g. to add LoRA adapters); only parameters requiring grad are trained.
+    - ``lineage``: extra entries recorded in checkpoints and as MLflow tags.
     """
-    cfg.validate()
     dist = DistInfo.from_env()
-    device = resolve_device(cfg.device, dist)
+    device = resolve_device(recipe.train.device, dist)
     own_group = False
     if dist.enabled:
         import torch.distributed as tdist
@@ -496,9 +388,9 @@ def train(
             tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
             own_group = True
     try:
-        return _train(cfg, data_dir, Path(out_dir), dist, device, init_from=init_from, batcher=batcher,
-                      val_batcher=val_batcher, experiment=experiment, parent_run_id=parent_run_id,
-                      run_name=run_name, prepare_model=prepare_model, extra_lineage=lineage or {})
+        return _train(recipe, data_dir, Path(out_dir), dist, device, init_from=init_from, batcher=batcher,
+                      val_source=val_source, experiment=experiment, parent_run_id=parent_run_id, run_name=run_name,
+                      stage=stage, prepare_model=prepare_model, extra_lineage=lineage or {})
     finally:
         if own_group:
             import torch.distributed as tdist
@@ -506,59 +398,40 @@ def train(
             tdist.destroy_process_group()
 
 
-def _train(
-    cfg: TrainConfig,
-    data_dir: str | os.PathLike | None,
-    out_dir: Path,
-    dist: DistInfo,
-    device: torch.device,
-    *,
-    init_from: str | os.PathLike | None,
-    batcher: Any,
-    val_batcher: Any,
-    experiment: str,
-    parent_run_id: str | None,
-    run_name: str | None,
-    prepare_model: Callable[[GPT], None] | None,
-    extra_lineage: dict[str, Any],
-) -> dict[str, Any]:
-    from llmforge.pipeline import tracking
-
+def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, device: torch.device, *,
+           init_from: Any, batcher: Any, val_source: Any, experiment: str, parent_run_id: str | None,
+           run_name: str | None, stage: str, prepare_model: Callable[[GPT], None] | None,
+           extra_lineage: dict[str, Any]) -> dict[str, Any]:
+    cfg = recipe.train
     t_start = time.time()
     dataset = Dataset.open(data_dir) if data_dir is not None else None
     if dataset is None and (batcher is None or init_from is None):
-        raise ValueError("train() needs data_dir (a token dataset), or both batcher and init_from")
-
-    start = _starting_point(cfg, dataset, data_dir, out_dir, dist, init_from)
-    resume, base, model_cfg, tokenizer_bytes = start.resume, start.base, start.model_cfg, start.tokenizer_bytes
+        raise ConfigError("train() needs data_dir (a token dataset), or both batcher and init_from")
+    start = starting_point(recipe, dataset, out_dir, dist, init_from)
+    resume, model_cfg = start.resume, start.model_cfg
     block_size = cfg.block_size or model_cfg.block_size
     if block_size > model_cfg.block_size:
-        raise ValueError(f"block_size {block_size} exceeds the model's context of {model_cfg.block_size}")
+        raise ConfigError(f"train.block_size {block_size} exceeds the model's context of {model_cfg.block_size}")
 
-    # --- model, optimizer ----------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank and every (re)start
+    # --- model and optimizer -------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every (re)start
     model = GPT(model_cfg)
-    if base is not None:
-        model.load_state_dict(base["model_state"])
+    if start.base is not None:
+        model.load_state_dict(start.base["model_state"])
     if prepare_model is not None:
         prepare_model(model)
     if resume is not None:
         model.load_state_dict(resume["model_state"])
     model.to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.betas, device.type,
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type,
                                            muon=cfg.optimizer == "muon")
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not params:
-        raise ValueError("no parameter requires grad: nothing to train")
+        raise ConfigError("no parameter requires grad: nothing to train")
     dtype = resolve_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step = 0
-    bad_steps = 0
-    run_id = None
-    best_val = None
-    last_loss = float("nan")
-    val_loss = None
+    step, bad_steps, best_val, last_loss, val_loss, run_id = 0, 0, None, float("nan"), None, None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer_state"])
         step = int(resume["step"])
@@ -567,57 +440,45 @@ def _train(
         if sched.get("scaler"):
             scaler.load_state_dict(sched["scaler"])
         run_id = resume["lineage"].get("mlflow_run_id")
-        best_val = resume.get("extra", {}).get("best_val_loss")
-        last_loss = float(resume.get("extra", {}).get("train_loss") or float("nan"))
-        val_loss = resume.get("val_loss")
+        extra = resume.get("extra") or {}
+        best_val, last_loss, val_loss = extra.get("best_val_loss"), float(extra.get("train_loss") or "nan"), \
+            resume.get("val_loss")
 
-    # --- data ----------------------------------------------------------------------------------
+    # --- data ------------------------------------------------------------------------------------
     if batcher is None:
         batcher = ShardBatcher(dataset, cfg.train_split, block_size, cfg.batch_size, seed=cfg.seed,
                                rank=dist.rank, world_size=dist.world_size, device=device)
     elif callable(batcher) and not hasattr(batcher, "get_batch"):
         batcher = batcher(dist.rank, dist.world_size, device)
-    if val_batcher is None and dataset is not None and cfg.val_split in dataset.splits():
-        val_batcher = ShardEvalSource(dataset, cfg.val_split, block_size, cfg.batch_size, cfg.eval_tokens,
-                                      device=device, rank=dist.rank, world_size=dist.world_size)
-    elif callable(val_batcher) and not (hasattr(val_batcher, "get_batch") or hasattr(val_batcher, "eval_batches")):
-        val_batcher = val_batcher(dist.rank, dist.world_size, device)
+    if val_source is None and dataset is not None and cfg.val_split in dataset.splits():
+        val_source = SplitScorer(dataset, cfg.val_split, block_size, cfg.eval_tokens)
+    elif callable(val_source) and not hasattr(val_source, "score"):
+        val_source = val_source(dist.rank, dist.world_size, device)
     if resume is not None and resume.get("data_state"):
         batcher.load_state_dict(resume["data_state"])
+    tokens_per_step = getattr(batcher, "batch_size", cfg.batch_size) * getattr(batcher, "block_size", block_size) \
+        * cfg.grad_accum * dist.world_size
 
-    # --- wrappers: compile, DDP ----------------------------------------------------------------
-    raw_model = model
-    eval_model: nn.Module = model
+    # --- wrappers: compile, DDP ------------------------------------------------------------------
+    raw_model = eval_model = model
     if cfg.compile:
         model = eval_model = torch.compile(model)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def autocast():
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
-
-    lineage = {
-        "dataset_fingerprint": dataset.fingerprint if dataset is not None else None,
-        "dataset_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-        "tokenizer_fingerprint": start.tokenizer_fingerprint,
-        "base_checkpoint": str(start.base_path) if start.base_path else None,
-        **extra_lineage,
-    }
-    if resume is not None:
-        lineage = {**resume["lineage"], **{k: v for k, v in lineage.items() if v is not None}}
-    config_record = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
-    manager = CheckpointManager(out_dir, keep_last=cfg.keep_last, tokenizer=tokenizer_bytes) if dist.is_main else None
-    tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist.world_size
-    if hasattr(batcher, "batch_size") and hasattr(batcher, "block_size"):
-        tokens_per_step = batcher.batch_size * batcher.block_size * cfg.grad_accum * dist.world_size
-    flops_per_token = raw_model.flops_per_token()
+    flops_per_token = raw_model.flops_per_token(block_size)
     peak = peak_flops(device, cfg.peak_tflops)
 
-    # a finished run re-run: nothing to do (every rank loaded the same checkpoint step)
+    lineage = {"dataset_fingerprint": dataset.fingerprint if dataset is not None else None,
+               "dataset_dir": str(dataset.root.resolve()) if dataset is not None else None,
+               "tokenizer_fingerprint": start.tokenizer_fingerprint,
+               "base_checkpoint": str(start.base_path) if start.base_path else None, **extra_lineage}
+    if resume is not None:
+        lineage = {**resume["lineage"], **{k: v for k, v in lineage.items() if v is not None}}
+    manager = CheckpointManager(out_dir, keep_last=cfg.keep_last, tokenizer=start.tokenizer) if dist.is_main else None
+
+    # a finished run run again: nothing to do (every rank loaded the same checkpoint step)
     if step >= cfg.max_steps and (out_dir / SUMMARY_NAME).is_file():
         summary = read_json(out_dir / SUMMARY_NAME)
         if summary.get("step") == step:
@@ -625,59 +486,48 @@ def _train(
                 print(f"{out_dir}: already trained to step {step}; nothing to do")
             return summary
 
-    run_ctx = (tracking.run(run_name or f"train-{model_cfg.n_layer}x{model_cfg.n_embd}", experiment=experiment,
-                            run_id=run_id, parent_run_id=parent_run_id, tags={"llmforge.stage": "train"})
-               if dist.is_main else contextlib.nullcontext(None))
-    status = "completed"
-    last_norm = float("nan")
-    tok_s = 0.0
-    mfu = None
-    ckpt_path: Path | None = None
-    with run_ctx as mlrun, _StopFlag() as stop:
-        import mlflow
-
+    corpus = ((dataset.manifest.get("config") or {}).get("corpus") or {}).get("name") if dataset else None
+    name = run_name or tracking.run_name(stage, corpus, recipe.label, f"{cfg.max_steps} steps")
+    tags = {tracking.TAG_CORPUS: corpus, tracking.TAG_RECIPE: recipe.label,
+            tracking.TAG_DATASET: lineage.get("dataset_fingerprint"), tracking.TAG_DATASET_DIR: lineage.get("dataset_dir"),
+            tracking.TAG_TOKENIZER: lineage.get("tokenizer_fingerprint"),
+            tracking.TAG_BASE_CHECKPOINT: lineage.get("base_checkpoint")}
+    run_ctx = (tracking.stage_run(name, stage=stage, experiment=experiment, run_id=run_id, parent_run_id=parent_run_id,
+                                  tags=tags) if dist.is_main else contextlib.nullcontext(None))
+    status, last_norm, tok_s, mfu, ckpt_path = "completed", float("nan"), 0.0, None, None
+    with run_ctx as mlrun, StopFlag() as stop:
         if mlrun is not None:
-            run_id = mlrun.info.run_id
-            lineage["mlflow_run_id"] = run_id
-            if resume is None:
-                tracking.log_params({
-                    "model": {**model_cfg.to_dict(), "params": raw_model.num_params(),
-                              "flops_per_token": flops_per_token},
-                    "train": cfg.to_dict(),
-                    "data": {"block_size": block_size, "tokens_per_step": tokens_per_step,
-                             "world_size": dist.world_size, "device": str(device), "dtype": str(dtype),
-                             "batcher": type(batcher).__name__},
-                    "lineage": lineage,
-                })
-            else:
-                mlflow.set_tag("llmforge.resumed_from_step", str(step))
-            print(f"training {raw_model.num_params() / 1e6:.2f}M params on {device} ({dtype}, world {dist.world_size}),"
-                  f" {tokens_per_step} tokens/step, steps {step}->{cfg.max_steps}; MLflow run {run_id}", flush=True)
+            run_id = lineage["mlflow_run_id"] = mlrun.run_id
+            mlrun.params({"model": {**model_cfg.to_dict(), "params": raw_model.num_params(),
+                                    "flops_per_token": flops_per_token},
+                          "train": cfg.key_dict(),
+                          "data": {"block_size": block_size, "tokens_per_step": tokens_per_step,
+                                   "world_size": dist.world_size, "device": str(device), "dtype": str(dtype),
+                                   "batcher": type(batcher).__name__}})
+            mlrun.tags({f"llmforge.lineage.{k}": v for k, v in extra_lineage.items()})
+            if resume is not None:
+                mlrun.tags({tracking.TAG_RESUMED_FROM: step})
+            print(f"training {raw_model.num_params() / 1e6:.2f}M params on {device} ({dtype}, world "
+                  f"{dist.world_size}), {tokens_per_step} tokens/step, steps {step}->{cfg.max_steps}; "
+                  f"run dir {out_dir}; MLflow run {run_id}", flush=True)
 
         def save(at_step: int, v_loss: float | None) -> Path | None:
             if manager is None:
                 return None
             return manager.save(
-                at_step,
-                model_state=raw_model.state_dict(),
-                optimizer_state=optimizer.state_dict(),
+                at_step, model_state=raw_model.state_dict(), optimizer_state=optimizer.state_dict(),
                 scheduler_state={"step": at_step, "lr_factor": lr_factor(at_step, cfg), "bad_steps": bad_steps,
                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None},
-                data_state=batcher.state_dict(),
-                rng_state=capture_rng_state(),
-                config=config_record,
-                lineage=lineage,
-                extra={"best_val_loss": best_val, "train_loss": last_loss},
-                val_loss=v_loss,
-            )
+                data_state=batcher.state_dict(), rng_state=capture_rng_state(),
+                config={"model": model_cfg.to_dict(), "train": cfg.to_dict()}, lineage=lineage,
+                extra={"best_val_loss": best_val, "train_loss": last_loss}, val_loss=v_loss)
 
         if resume is not None:
             restore_rng_state(resume["rng_state"])
-            resume = None  # free the host copy of the weights/optimizer before training
+            resume = start.resume = None  # free the host copy of the weights/optimizer before training
         model.train()
-        consecutive_bad = 0
-        window_tokens, window_time = 0, 0.0
-        start_step = step
+        consecutive_bad, window_tokens, window_time = 0, 0, 0.0
+        progress = Progress(step, cfg.max_steps)
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             factor = lr_factor(step, cfg)
@@ -688,22 +538,21 @@ def _train(
                 x, y = batcher.get_batch(step, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == cfg.grad_accum - 1 or not dist.enabled
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
                     _, loss = model(x, y)
                     loss = loss / cfg.grad_accum
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            stats = _all_reduce(torch.stack([loss_sum.float(), norm.float().to(device)]), "avg")
+            stats = all_reduce(torch.stack([loss_sum.float(), norm.float().to(device)]), "avg")
             last_loss, last_norm = float(stats[0]), float(stats[1])
             finite = math.isfinite(last_loss) and (math.isfinite(last_norm) or scaler.is_enabled())
             if finite:
                 scaler.step(optimizer)
                 consecutive_bad = 0
             else:
-                bad_steps += 1
-                consecutive_bad += 1
+                bad_steps, consecutive_bad = bad_steps + 1, consecutive_bad + 1
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -714,48 +563,44 @@ def _train(
                 print(f"step {step}: non-finite loss {last_loss} / grad norm {last_norm}: update skipped "
                       f"({consecutive_bad} in a row, {bad_steps} in all)", flush=True)
             if consecutive_bad >= cfg.max_bad_steps:
-                msg = (f"stopping at step {step}: {consecutive_bad} consecutive steps with non-finite loss or "
-                       f"gradient norm (loss {last_loss}, grad norm {last_norm}); the model diverged. Lower the "
-                       f"learning rate (now {cfg.lr}) or raise warmup_steps. The last good checkpoint is "
-                       f"{manager.latest() if manager else 'on rank 0'}")
                 if mlrun is not None:
-                    mlflow.log_metric("bad_steps", bad_steps, step=step)
-                    mlflow.set_tag("llmforge.status", "diverged")
-                raise TrainingDiverged(msg)
+                    mlrun.metrics({tracking.BAD_STEPS: bad_steps}, step=step)
+                    mlrun.tags({tracking.TAG_STATUS: "diverged"})
+                raise TrainingDiverged(
+                    f"stopping at step {step}: {consecutive_bad} consecutive steps with non-finite loss or gradient "
+                    f"norm (loss {last_loss}, grad norm {last_norm}); lower the learning rate (train.lr={cfg.lr}) or "
+                    f"raise train.warmup_steps. The last good checkpoint is {manager.latest() if manager else 'on rank 0'}")
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps or step == start_step + 1:
+            if step % cfg.log_every == 0 or step == cfg.max_steps or step == progress.start_step + 1:
                 tok_s = window_tokens / max(window_time, 1e-9)
                 mfu = tok_s * flops_per_token / (peak * dist.world_size) if peak else None
                 window_tokens, window_time = 0, 0.0
                 if mlrun is not None:
-                    metrics = {"train/loss": last_loss, "lr": cfg.lr * factor, "grad_norm": last_norm,
-                               "tokens_per_s": tok_s, "bad_steps": bad_steps}
-                    if mfu is not None:
-                        metrics["mfu"] = mfu
-                    mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
-                    print(f"step {step:>6}/{cfg.max_steps} | loss {last_loss:.4f} | lr {cfg.lr * factor:.2e} | "
-                          f"grad norm {last_norm:.3f} | {tok_s:,.0f} tok/s"
-                          + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""), flush=True)
+                    mlrun.metrics({tracking.TRAIN_LOSS: last_loss, tracking.LR: cfg.lr * factor,
+                                   tracking.GRAD_NORM: last_norm, tracking.TOKENS_PER_S: tok_s,
+                                   tracking.BAD_STEPS: bad_steps, tracking.MFU: mfu}, step=step)
+                    print(progress.line(step, last_loss, cfg.lr * factor, last_norm, tok_s, mfu), flush=True)
 
             evaluated = None
-            if val_batcher is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-                evaluated = evaluate_loss(eval_model, val_batcher, device, autocast, cfg.eval_iters)
-                val_loss = evaluated
+            if val_source is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+                result = val_source.score(eval_model, device=device, dtype=dtype, dist=dist)
+                evaluated = val_loss = result["loss"]
                 if math.isfinite(evaluated) and (best_val is None or evaluated < best_val):
                     best_val = evaluated
                 if mlrun is not None:
-                    mlflow.log_metrics({"val/loss": evaluated, "val/ppl": math.exp(min(evaluated, 50))}, step=step)
-                    print(f"step {step:>6} | val loss {evaluated:.4f}", flush=True)
+                    mlrun.metrics({tracking.VAL_LOSS: evaluated, tracking.VAL_PPL: math.exp(min(evaluated, 50)),
+                                   tracking.VAL_BPB: result.get("bits_per_byte")}, step=step)
+                    bpb = result.get("bits_per_byte")
+                    print(f"step {step:>6} | val loss {evaluated:.4f}" + (f" | val bpb {bpb:.4f}" if bpb else ""),
+                          flush=True)
 
             if mlrun is not None and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
-                text = sample_texts(raw_model, tokenizer_bytes, cfg, device)
-                if text:
-                    mlflow.log_text(text, f"samples/step-{step:08d}.txt")
+                if text := _samples(raw_model, start.tokenizer, cfg, device):
+                    mlrun.text(text, f"samples/step-{step:08d}.txt")
 
-            flags = [stop.signal is not None,
-                     cfg.max_minutes is not None and time.time() - t_start > cfg.max_minutes * 60]
+            flags = [stop.signal is not None, cfg.max_minutes is not None and time.time() - t_start > cfg.max_minutes * 60]
             if dist.enabled:  # every rank stops at the same step
-                flags = [bool(f) for f in _all_reduce(torch.tensor(flags, dtype=torch.float32, device=device), "max")]
+                flags = [bool(f) for f in all_reduce(torch.tensor(flags, dtype=torch.float32, device=device), "max")]
             stopping = any(flags)
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps or stopping:
                 ckpt_path = save(step, evaluated)
@@ -765,115 +610,60 @@ def _train(
                     print(f"stopping at step {step} ({status}); checkpoint {ckpt_path}", flush=True)
                 break
 
-        # --- the end: samples, curve, artifacts, summary ---------------------------------------
+        # --- the end: samples, curve, artifacts, summary -----------------------------------------
         if ckpt_path is None and manager is not None:
             ckpt_path = manager.latest()
         summary: dict[str, Any] = {
-            "status": status,
-            "step": step,
-            "max_steps": cfg.max_steps,
-            "train_loss": last_loss,
-            "val_loss": val_loss,
-            "best_val_loss": best_val,
-            "grad_norm": last_norm,
-            "tokens_per_s": tok_s,
-            "mfu": mfu,
-            "bad_steps": bad_steps,
-            "tokens_per_step": tokens_per_step,
+            "status": status, "step": step, "max_steps": cfg.max_steps, "train_loss": last_loss,
+            "val_loss": val_loss, "best_val_loss": best_val, "grad_norm": last_norm, "tokens_per_s": tok_s,
+            "mfu": mfu, "bad_steps": bad_steps, "tokens_per_step": tokens_per_step,
             "out_dir": str(out_dir.resolve()),
             "checkpoint": str(ckpt_path) if ckpt_path else None,
             "best_checkpoint": str(manager.best()) if manager is not None and manager.best() else None,
             "checkpoints": [str(p) for _, p in manager.checkpoints()] if manager is not None else [],
-            "mlflow_run_id": run_id,
-            "experiment": experiment,
-            "params": raw_model.num_params(),
+            "mlflow_run_id": run_id, "experiment": experiment, "params": raw_model.num_params(),
             "elapsed_s": time.time() - t_start,
         }
         if mlrun is not None:
-            mlflow.log_metric("elapsed_s", summary["elapsed_s"], step=step)
-            text = sample_texts(raw_model, tokenizer_bytes, cfg, device)
-            if text:
-                atomic_write_text(out_dir / "samples.txt", text)
-                mlflow.log_text(text, f"samples/step-{step:08d}.txt")
-            png = plot_loss_curve(run_id, out_dir / "loss_curve.png")
-            if png:
-                mlflow.log_artifact(str(png), "plots")
+            mlrun.metrics({tracking.ELAPSED_S: summary["elapsed_s"]}, step=step)
+            if status != "interrupted":  # Ctrl-C means "stop now": samples and plots wait for the end
+                if text := _samples(raw_model, start.tokenizer, cfg, device):
+                    atomic_write_text(out_dir / "samples.txt", text)
+                    mlrun.text(text, f"samples/step-{step:08d}.txt")
+                if png := tracking.plot_loss_curves(mlrun, out_dir / "loss_curve.png"):
+                    mlrun.artifact(png, "plots")
             if status == "completed" and cfg.log_checkpoints:
                 for key in ("checkpoint", "best_checkpoint"):
                     if summary[key]:
-                        mlflow.log_artifact(summary[key], "checkpoints")
-            mlflow.set_tag("llmforge.status", status)
+                        mlrun.artifact(summary[key], "checkpoints")
+            mlrun.tags({tracking.TAG_STATUS: status, tracking.TAG_CHECKPOINT: summary["checkpoint"]})
             atomic_write_json(out_dir / SUMMARY_NAME, summary)
-            mlflow.log_artifact(str(out_dir / SUMMARY_NAME))
+            mlrun.artifact(out_dir / SUMMARY_NAME)
             print(f"{status} at step {step}: train loss {last_loss:.4f}"
                   + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
-                  + f"; checkpoints in {out_dir}; MLflow run {run_id} (experiment {experiment!r}, "
-                  f"store {tracking.tracking_uri()})", flush=True)
+                  + f"; checkpoints in {out_dir}", flush=True)
     return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# multi-process launch (torchrun) and its worker entry point
+def _samples(model: GPT, tokenizer: bytes | None, cfg: TrainConfig, device: torch.device) -> str:
+    """Samples from the fixed prompts (own seeded generator: the training RNG is untouched)."""
+    if not tokenizer or not cfg.sample_prompts or not cfg.sample_tokens:
+        return ""
+    from llmforge.pipeline.tokenizer import Tokenizer
+
+    samples = sample_texts(model, Tokenizer(tokenizer), cfg.sample_prompts, max_new_tokens=cfg.sample_tokens,
+                           sampling=SamplingConfig(temperature=0.8, top_k=40, seed=cfg.seed), device=device)
+    return format_samples(samples)
 
 
-def launch(
-    cfg: TrainConfig,
-    data_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    nproc: int,
-    *,
-    init_from: str | os.PathLike | None = None,
-    experiment: str = "llmforge",
-    parent_run_id: str | None = None,
-    extra_env: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Run :func:`train` in ``nproc`` processes under ``torch.distributed.run`` and return the
-    summary rank 0 wrote. The config travels as ``out_dir/train_config.json``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.validate()
-    cfg_path = out_dir / "train_config.json"
-    atomic_write_json(cfg_path, cfg.to_dict())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "llmforge.model.train", "--config", str(cfg_path), "--data", str(data_dir), "--out", str(out_dir),
-           "--experiment", experiment]
-    if init_from:
-        cmd += ["--init-from", str(init_from)]
-    if parent_run_id:
-        cmd += ["--parent-run-id", parent_run_id]
-    env = {**os.environ, **(extra_env or {})}
-    if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    started = time.time()
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode == 3:
-        raise TrainingDiverged(f"training diverged (see the log above); last good checkpoint in {out_dir}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun training exited with status {proc.returncode} ({' '.join(cmd)})")
-    summary_path = out_dir / SUMMARY_NAME
-    if not summary_path.is_file() or summary_path.stat().st_mtime < started - 1:
-        raise RuntimeError(f"{summary_path}: torchrun finished but rank 0 wrote no summary")
-    return read_json(summary_path)
+def build_recipe(recipe: str | None = None, *, preset: str | None = None, model: dict[str, Any] | None = None,
+                 train: dict[str, Any] | None = None) -> TrainRecipe:
+    """A recipe from a recipe file (name or path) with ``model`` / ``train`` sections merged over
+    it and ``preset`` (``model.preset``) on top: how commands, flows and deployments assemble one."""
+    from llmforge.config import deep_merge
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.train", description="training worker (run by torchrun)")
-    p.add_argument("--config", required=True, help="TrainConfig as JSON")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--init-from")
-    p.add_argument("--experiment", default="llmforge")
-    p.add_argument("--parent-run-id")
-    args = p.parse_args(argv)
-    cfg = TrainConfig.from_dict(json.loads(Path(args.config).read_text()), source=args.config)
-    try:
-        train(cfg, args.data, args.out, init_from=args.init_from, experiment=args.experiment,
-              parent_run_id=args.parent_run_id)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    data: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    data = deep_merge(data, {"model": model or {}, "train": train or {}})
+    if preset is not None:
+        data["model"]["preset"] = preset
+    return TrainRecipe.load(data, source=f"--config {recipe}" if recipe else "train config")

@@ -15,11 +15,12 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
+from llmforge.config import Config, deep_merge, read_yaml
+from llmforge.errors import ConfigError, NotFound, did_you_mean
 from llmforge.pipeline.clean import CleanConfig
 from llmforge.pipeline.download import SourceSpec
-from llmforge.pipeline.fsutil import read_yaml_mapping
 from llmforge.pipeline.tokenize import TokenizeConfig
 from llmforge.pipeline.tokenizer import TokenizerConfig
 
@@ -27,15 +28,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
-class SplitConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SplitConfig(Config):
 
     val_fraction: float = Field(0.005, ge=0, lt=1, description="share of documents in the val split")
     part_bytes: int = Field(64_000_000, gt=0, description="text bytes per cleaned part (= per shard)")
 
 
-class CorpusSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CorpusSpec(Config):
 
     name: str
     description: str = ""
@@ -62,7 +61,7 @@ def _substitute(obj: Any, where: str) -> Any:
             return builtins[name]
         if name in os.environ:
             return os.environ[name]
-        raise ValueError(f"{where}: unknown variable ${{{name}}} (set it in the environment)")
+        raise ConfigError(f"{where}: unknown variable ${{{name}}} (set it in the environment)")
 
     if isinstance(obj, str):
         return _VAR.sub(repl, obj)
@@ -81,13 +80,12 @@ def resolve_corpus_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: corpus spec not found")
+            raise NotFound(f"{p}: corpus spec not found")
         return p
     p = CONFIG_DIR / "corpus" / f"{name_or_path}.yaml"
     if not p.is_file():
-        raise FileNotFoundError(
-            f"unknown corpus {name_or_path!r}: not a file and not one of {', '.join(corpus_names())}"
-        )
+        raise NotFound(f"--corpus {name_or_path}: " + did_you_mean(name_or_path, corpus_names(), "corpus")
+                       + "; or give a YAML spec path, or --source URL_OR_PATH")
     return p
 
 
@@ -99,28 +97,15 @@ def load_corpus(name_or_path: str | None = None, *, sources: list[str] | None = 
     ``overrides`` is a nested dict merged over the YAML (e.g. ``{"tokenizer": {"vocab_size": 8000}}``).
     """
     if name_or_path is None and not sources:
-        raise ValueError("give a corpus name/YAML or at least one --source")
+        raise ConfigError("give --corpus NAME_OR_YAML or at least one --source URL_OR_PATH")
     if name_or_path is not None:
         path = resolve_corpus_path(name_or_path)
-        raw = read_yaml_mapping(path, "a corpus spec")
+        raw = read_yaml(path, "a corpus spec")
         where = str(path)
     else:
         raw, where = {"name": "custom"}, "--source"
     if sources:
         raw["sources"] = [{"url": s} for s in sources]
-    raw = _deep_merge(raw, overrides or {})
+    raw = deep_merge(raw, overrides or {})
     raw = _substitute(raw, where)
-    try:
-        return CorpusSpec.model_validate(raw)
-    except ValidationError as e:
-        raise ValueError(f"{where}: invalid corpus spec:\n{e}") from None
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+    return CorpusSpec.load(raw, source=where)

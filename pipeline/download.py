@@ -35,10 +35,13 @@ from typing import Any, Iterable, Mapping
 
 import requests
 import urllib3
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
+from llmforge.config import Config
+from llmforge.errors import DataError, NotFound
 from llmforge.pipeline.fsutil import atomic_write_json, read_json, sha256_file
+from llmforge.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +53,15 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DataError, RuntimeError):
     """A source could not be fetched or verified; the message names the URL/file and why."""
 
 
-class SourceSpec(BaseModel):
+class SourceSpec(Config):
     """One entry of a corpus spec: where a file (or local directory) comes from and what it is.
 
     Strict: an unknown key (a typo in the YAML) is a validation error naming that key.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     url: str = Field(description="http://, https:// or file:// URL, or a local path (made file://)")
     sha256: str | None = Field(default=None, description="expected hex sha256 of the file")
@@ -502,6 +503,41 @@ def fetch(src: SourceSpec, dest_dir: Path, *, retries: int = 5, backoff: float =
     os.replace(part.path, final)  # atomic: the final name only ever holds a verified file
     _write_sidecar(final, sidecar, digest)
     return _entry(src, final, size, digest, skipped=False, resumed_from=resumed_from, attempts=attempts)
+
+
+class DownloadStage(Stage):
+    """One source: an http(s) file fetched into ``downloads/`` (resumed, retried, verified), or a
+    local file or directory read in place. Complete when the file is there and matches the spec's
+    size and sha256 (checked without the network)."""
+
+    name = "download"
+
+    def __init__(self, source: SourceSpec, dest_dir: str | os.PathLike):
+        self.config, self.dest_dir = source, Path(dest_dir)
+
+    def inputs(self) -> list:
+        return []
+
+    @property
+    def out_dir(self) -> Path:
+        return self.config.local_path if self.config.is_local else self.dest_dir
+
+    def completed(self) -> dict | None:
+        src = self.config
+        if src.is_local:  # read in place: "complete" as soon as it exists and verifies
+            if not src.local_path.exists():
+                raise NotFound(f"{src.local_path}: local source does not exist")
+            return _fetch_local(src, self.dest_dir)
+        final = self.dest_dir / src.name
+        if not final.is_file() or _mismatch(src, final.stat().st_size, None):
+            return None
+        digest = _sha256_cached(final, _sidecar(final))
+        if _mismatch(src, final.stat().st_size, digest):
+            return None  # run() moves it aside and downloads again
+        return _entry(src, final, final.stat().st_size, digest, skipped=True)
+
+    def run(self, progress: bool = True) -> dict:
+        return fetch(self.config, self.dest_dir, progress=progress)
 
 
 def fetch_all(sources: Iterable[SourceSpec | Mapping[str, Any] | str], dest_dir: Path, *,

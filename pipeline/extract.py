@@ -22,18 +22,23 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from pydantic import Field
+
+from llmforge.config import Config
+from llmforge.errors import DataError
 from llmforge.pipeline.clean import CleanConfig, clean_document
 from llmforge.pipeline.config import CorpusSpec, SplitConfig
 from llmforge.pipeline.download import select_files
-from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, fingerprint, read_json, FORMAT_VERSION
+from llmforge.pipeline.fsutil import FORMAT_VERSION, atomic_path, atomic_write_json, clean_temp, read_json, serial_map
 from llmforge.pipeline.readers import ReadStats, iter_documents
+from llmforge.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,61 @@ PART_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
 ROW_GROUP_BYTES = 16_000_000
 
 
-class NoUsableDocuments(RuntimeError):
-    pass
+class NoUsableDocuments(DataError):
+    """Nothing survived reading and cleaning: the message lists why documents were dropped."""
+
+
+class CleanStageConfig(Config):
+    """What decides the cleaned text: the cleaning rules and the split."""
+
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+class CleanStage(Stage):
+    """extract+clean: downloaded sources -> ``clean-<key>/{train,val}/part-*.parquet``.
+
+    The key covers the cleaning and split config and the identity of every input file (size and
+    mtime, or sha256), so changing a rule or an input makes a new directory. Units are committed
+    one by one (``units/<unit>.json`` written last); ``manifest.json`` completes the stage."""
+
+    name = "clean"
+
+    def __init__(self, spec: CorpusSpec, downloads: list[dict], root: str | os.PathLike):
+        self.spec = spec
+        self.config = CleanStageConfig(clean=spec.clean, split=spec.split)
+        self.units = plan_units(downloads, spec)
+        self.root = Path(root)
+
+    def inputs(self) -> Any:
+        return [(u["label"], u["format"], u["text_key"], u.get("separator"), u["files"]) for u in self.units]
+
+    @property
+    def out_dir(self) -> Path:
+        return self.root / f"clean-{self.key}"
+
+    def completed(self) -> dict | None:
+        m = load_manifest(self.out_dir)
+        if m is None or not all(p.is_file() for split in m["splits"] for p in part_paths(self.out_dir, m, split)):
+            return None
+        return m
+
+    def clean_unit(self, unit: dict) -> dict:
+        return clean_unit(unit, self.spec.clean, self.out_dir)
+
+    def run(self, map_units: Any = None) -> dict:
+        """Clean every unit (``map_units(fn, items)`` runs them, in parallel where the caller
+        can), then deduplicate, split and write the parts and the manifest."""
+        clean_temp(self.out_dir / "units")
+        (map_units or serial_map)(self.clean_unit, self.units)
+        return finalize(self.out_dir, self.units, self.spec.split, fp=self.key,
+                        config={"clean": self.spec.clean.model_dump(), "split": self.spec.split.model_dump()})
+
+    def texts(self, manifest: dict, split: str = "train") -> Iterator[str]:
+        return iter_texts(self.out_dir, manifest, split)
+
+    def parts(self, manifest: dict) -> dict[str, list[Path]]:
+        return {split: part_paths(self.out_dir, manifest, split) for split in ("train", "val")}
 
 
 def plan_units(downloads: list[dict], spec: CorpusSpec) -> list[dict]:
@@ -82,11 +140,6 @@ def plan_units(downloads: list[dict], spec: CorpusSpec) -> list[dict]:
         u["name"] = f"unit-{i:05d}"
         u["bytes"] = sum(f[1] for f in u["files"])
     return units
-
-
-def stage_fingerprint(units: list[dict], spec: CorpusSpec) -> str:
-    ident = [(u["label"], u["format"], u["text_key"], u.get("separator"), u["files"]) for u in units]
-    return fingerprint("clean", FORMAT_VERSION, spec.clean.model_dump(), spec.split.model_dump(), ident)
 
 
 def _hashes(text: str) -> tuple[int, int]:

@@ -9,15 +9,31 @@ its inputs' fingerprints, and is complete exactly when its ``manifest.json`` exi
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 FORMAT_VERSION = 1  # bump when any on-disk format changes: every fingerprint changes with it
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# temp files are created 0600 (mkstemp) and temp dirs 0700 (mkdtemp); what we rename into place
+# gets the mode a plain open() would have given it, so a teammate can read a shared dataset
+FILE_MODE = 0o666 & ~_read_umask()
+DIR_MODE = 0o777 & ~_read_umask()
 
 
 def canonical_json(obj: Any) -> str:
@@ -35,6 +51,14 @@ def fingerprint(*parts: Any, length: int = 16) -> str:
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    """Hex sha256 of a file; remembered per (path, size, mtime, inode) within a process, so a
+    command that checks a stage's key and then runs it hashes a big checkpoint once."""
+    st = os.stat(path)
+    return _sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino, bufsize)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int, ino: int, bufsize: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(bufsize)
@@ -42,6 +66,12 @@ def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+def serial_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """Run ``fn`` on each item in this process: the default unit runner of every stage (flows
+    pass one that submits each unit as a Prefect task)."""
+    return [fn(x) for x in items]
 
 
 def _fsync_dir(d: Path) -> None:
@@ -70,6 +100,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         if fsync:
             with open(tmp_path, "rb") as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
         if fsync:
             _fsync_dir(path.parent)
@@ -103,6 +134,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
         if path.exists():  # a concurrent/earlier identical run won: keep theirs
@@ -129,19 +161,6 @@ def clean_temp(directory: str | os.PathLike) -> int:
                 p.unlink()
         n += 1
     return n
-
-
-def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
-    """A YAML file that must hold a mapping (a config); errors name the file and the problem."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: {what} must be a mapping, got {type(data).__name__}")
-    return data
 
 
 def human_bytes(n: float) -> str:

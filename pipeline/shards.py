@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from llmforge.errors import DataError, NotFound
 from llmforge.pipeline.fsutil import FORMAT_VERSION, atomic_path, atomic_write_json, read_json, sha256_file
 
 SHARD_FORMAT = "llmforge.tokens"
@@ -158,16 +159,19 @@ class Dataset:
         root = Path(root)
         mpath = root / MANIFEST_NAME
         if not mpath.is_file():
-            raise FileNotFoundError(
-                f"{root}: no {MANIFEST_NAME} here; pass the directory that `llmforge prepare` printed"
-            )
-        manifest = read_json(mpath)
-        if manifest.get("format") != SHARD_FORMAT:
-            raise ValueError(f"{mpath}: not a token dataset manifest (format={manifest.get('format')!r})")
+            raise NotFound(_not_a_dataset(root))
+        try:
+            manifest = read_json(mpath)
+        except ValueError as e:
+            raise DataError(f"{mpath}: not valid JSON ({e}); re-run `llmforge prepare` to remake the dataset") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != SHARD_FORMAT:
+            got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise DataError(f"{mpath}: not a token dataset manifest (format={got!r}); pass the dataset directory "
+                            f"(tokens-*) that `llmforge prepare` printed")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{mpath}: format version {manifest.get('format_version')} but this code reads {FORMAT_VERSION}"
-            )
+            raise DataError(
+                f"{mpath}: format version {manifest.get('format_version')} but this code reads {FORMAT_VERSION}; "
+                f"re-run `llmforge prepare`")
         return cls(root, manifest)
 
     @property
@@ -222,6 +226,27 @@ class Dataset:
         if not self.tokenizer_path.is_file():
             problems.append(f"{self.tokenizer_path}: missing")
         return problems
+
+
+def _is_dataset_manifest(path: Path) -> bool:
+    try:
+        return read_json(path).get("format") == SHARD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _not_a_dataset(root: Path) -> str:
+    """Why ``root`` is not a dataset, and which directory the user probably meant."""
+    if not root.exists():
+        return f"{root}: no such directory; pass the dataset directory (tokens-*) that `llmforge prepare` printed"
+    if not root.is_dir():
+        return f"{root}: a file, not a dataset directory; pass the directory (tokens-*) that `llmforge prepare` printed"
+    found = sorted(p.parent for p in list(root.glob(f"*/{MANIFEST_NAME}")) + list(root.glob(f"*/*/{MANIFEST_NAME}"))
+                   if _is_dataset_manifest(p))
+    if found:
+        more = f" (or one of {len(found) - 1} more)" if len(found) > 1 else ""
+        return f"{root}: not a dataset, but it holds one: did you mean --data {found[-1]}{more}?"
+    return f"{root}: no {MANIFEST_NAME} here; pass the dataset directory (tokens-*) that `llmforge prepare` printed"
 
 
 def write_manifest(root: str | os.PathLike, manifest: dict) -> None:

@@ -18,26 +18,77 @@ import shutil
 import time
 from itertools import chain
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, read_json
-from llmforge.pipeline.shards import split_summary, token_dtype, write_manifest, write_shard
+from llmforge.config import Config, control
+from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, read_json
+from llmforge.pipeline.shards import MANIFEST_NAME, Dataset, split_summary, token_dtype, write_manifest, write_shard
 from llmforge.pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, _chunks
+from llmforge.stage import Stage
 
 log = logging.getLogger(__name__)
 
 
-class TokenizeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenizeConfig(Config):
+    """How shards are encoded; none of it changes the token ids (so none of it is in the key)."""
 
-    batch_bytes: int = Field(4_000_000, gt=0, description="text bytes handed to the encoder at once")
-    piece_chars: int = Field(16384, ge=256, description="long documents are cut into pieces this long")
-    threads: int | None = Field(None, description="encoder threads per shard (default: all cores)")
+    batch_bytes: int = control(4_000_000, "text bytes handed to the encoder at once", gt=0)
+    piece_chars: int = control(16384, "long documents are cut into pieces this long", ge=256)
+    threads: int | None = control(None, "encoder threads per shard (default: all cores)")
+
+
+class TokenizeStage(Stage):
+    """Cleaned parts -> token shards (``tokens-<key>/``, the dataset ``llmforge train`` reads).
+    Complete when its ``manifest.json`` exists and every shard it lists has the recorded size."""
+
+    name = "tokenize"
+
+    def __init__(self, config: TokenizeConfig, clean_key: str, tokenizer: dict, root: str | os.PathLike):
+        self.config, self.clean_key, self.tokenizer, self.root = config, clean_key, tokenizer, Path(root)
+
+    def inputs(self) -> Any:
+        return [self.clean_key, self.tokenizer["fingerprint"]]
+
+    @property
+    def out_dir(self) -> Path:
+        return self.root / f"tokens-{self.key}"
+
+    def completed(self) -> dict | None:
+        if not (self.out_dir / MANIFEST_NAME).is_file():
+            return None
+        ds = Dataset.open(self.out_dir)
+        return None if ds.verify() else ds.manifest
+
+    def jobs(self, parts: dict[str, list[Path]]) -> list[tuple[str, Path]]:
+        """(split, part) of every shard to encode; sweeps temp files of killed writers first."""
+        out = []
+        for split, paths in parts.items():
+            (self.out_dir / split).mkdir(parents=True, exist_ok=True)
+            clean_temp(self.out_dir / split)
+            out += [(split, p) for p in paths]
+        return out
+
+    def encode(self, job: tuple[str, Path]) -> dict:
+        split, part = job
+        return tokenize_part(part, self.out_dir / split, self.tokenizer["path"], self.config)
+
+    def run(self, parts: dict[str, list[Path]], clean_manifest: dict, corpus: dict,
+            map_units: Any = None) -> dict:
+        """Encode every part (``map_units(fn, items)`` runs them, in parallel where the caller
+        can), then write the manifest that completes the stage."""
+        from llmforge.pipeline.fsutil import serial_map
+
+        jobs = self.jobs(parts)
+        results = (map_units or serial_map)(self.encode, jobs)
+        entries: dict[str, list[dict]] = {split: [] for split in parts}
+        for (split, _), entry in zip(jobs, results):
+            entries[split].append(entry)
+        return finalize(self.out_dir, entries, fingerprint=self.key, tokenizer=self.tokenizer,
+                        clean_manifest=clean_manifest, config={"corpus": corpus})
 
 
 def shard_name(part: Path) -> str:

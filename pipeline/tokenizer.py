@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from llmforge.config import Config, control
+from llmforge.errors import DataError, NotFound, one_line
 from llmforge.pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from llmforge.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +38,14 @@ META_SPACE = "\u2581"
 TOKENIZER_FILE = "tokenizer.model"
 
 
-class TokenizerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenizerConfig(Config):
 
     vocab_size: int = Field(32000, ge=300, le=1 << 20, description="vocabulary size incl. 256 byte pieces")
     sample_bytes: int = Field(100_000_000, gt=0, description="max UTF-8 bytes of training text sampled")
     max_sentence_bytes: int = Field(8192, ge=256, description="training text is cut into pieces this long")
     character_coverage: float = Field(0.9995, gt=0, le=1)
     split_digits: bool = True
-    threads: int | None = Field(None, description="threads for training (default: all cores)")
+    threads: int | None = control(None, "threads for training (default: all cores)")
 
 
 def _chunks(text: str, max_bytes: int) -> Iterator[str]:
@@ -144,9 +146,9 @@ class Tokenizer:
             data = path.read_bytes()
             return cls(data, path=path)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: tokenizer model not found") from None
+            raise NotFound(f"{path}: tokenizer model not found") from None
         except RuntimeError as e:
-            raise ValueError(f"{path}: not a SentencePiece model ({e})") from e
+            raise DataError(f"{path}: not a SentencePiece model ({one_line(str(e))})") from None
 
     def encode(self, text: str) -> list[int]:
         if META_SPACE not in text:
@@ -203,10 +205,35 @@ def train_tokenizer(
     return manifest
 
 
+class TokenizerStage(Stage):
+    """Train a SentencePiece tokenizer on the cleaned train split: ``tokenizer-<key>/``
+    (``tokenizer.model`` + ``manifest.json``, written last)."""
+
+    name = "tokenizer"
+
+    def __init__(self, config: TokenizerConfig, clean_key: str, root: str | os.PathLike):
+        self.config, self.clean_key, self.root = config, clean_key, Path(root)
+
+    def inputs(self) -> list[str]:
+        return [self.clean_key]
+
+    @property
+    def out_dir(self) -> Path:
+        return self.root / f"tokenizer-{self.key}"
+
+    def completed(self) -> dict | None:
+        m = load_manifest(self.out_dir)
+        return None if m is None else {**m, "path": str(self.out_dir / TOKENIZER_FILE)}
+
+    def run(self, texts: Iterable[str], total_bytes: int) -> dict:
+        m = train_tokenizer(texts, total_bytes, self.config, self.out_dir)
+        return {**m, "path": str(self.out_dir / TOKENIZER_FILE)}
+
+
 def tokenizer_manifest(model_path: str | os.PathLike) -> dict:
     """Manifest for an existing tokenizer (fine-tuning reuses the base model's)."""
     tok = Tokenizer.load(model_path)
-    return {**_describe(tok), "source": str(tok.path)}
+    return {**_describe(tok), "source": str(tok.path), "path": str(Path(tok.path).resolve())}
 
 
 def _describe(tok: Tokenizer) -> dict:

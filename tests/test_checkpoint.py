@@ -18,7 +18,7 @@ from llmforge.model.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
-    tokenizer_from_checkpoint,
+    checkpoint_tokenizer,
 )
 from llmforge.model.gpt import GPT, GPTConfig
 
@@ -85,7 +85,7 @@ def test_refuses_checkpoint_with_pickled_custom_class_naming_it(tmp_path: Path):
 
 
 def test_missing_truncated_and_foreign_files_are_clear_errors(tmp_path: Path):
-    with pytest.raises(CheckpointError, match="not found.*nope.pt"):
+    with pytest.raises(CheckpointError, match="nope.pt: no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pt")
     m, opt = fresh()
     good = save_checkpoint(tmp_path / "good.pt", step=1, **state(m, opt, 1))
@@ -99,6 +99,13 @@ def test_missing_truncated_and_foreign_files_are_clear_errors(tmp_path: Path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match=r"foreign\.pt: not an llmforge checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
+    # files of another kind are named as such before anything unpickles them
+    (tmp_path / "w.safetensors").write_bytes(len(b'{"a":1}').to_bytes(8, "little") + b'{"a":1}')
+    with pytest.raises(CheckpointError, match=r"w\.safetensors: a safetensors file .*not an llmforge checkpoint"):
+        load_checkpoint(tmp_path / "w.safetensors")
+    (tmp_path / "manifest.json").write_text('{"format": "llmforge.tokens"}')
+    with pytest.raises(CheckpointError, match=r"manifest\.json: a dataset manifest, not an llmforge checkpoint"):
+        load_checkpoint(tmp_path / "manifest.json")
 
 
 def test_rng_state_restores_identical_draws():
@@ -137,7 +144,7 @@ def test_round_trip_resume_is_bit_identical(tmp_path: Path):
     np.random.seed(999)
     ck = load_checkpoint(path)
     assert ck["step"] == 3 and ck["lineage"] == LINEAGE and ck["data_state"]["offset"] == 192
-    assert GPTConfig.from_dict(ck["config"]["model"]) == CFG
+    assert GPTConfig.load(ck["config"]["model"]) == CFG
     m_c, opt_c = fresh()
     m_c.load_state_dict(ck["model_state"])
     opt_c.load_state_dict(ck["optimizer_state"])
@@ -230,9 +237,9 @@ def test_checkpoint_carries_its_tokenizer(tmp_path: Path):
     mgr = CheckpointManager(tmp_path / "ckpts", tokenizer=tmp_path / "tokenizer.model")
     m, opt = fresh()
     path = mgr.save(5, **state(m, opt, 5))
-    sp = tokenizer_from_checkpoint(load_checkpoint(path))
-    assert sp.serialized_model_proto() == proto
-    assert sp.decode(sp.encode("the lazy fox café")) == "the lazy fox café"
+    tok = checkpoint_tokenizer(load_checkpoint(path))
+    assert tok.proto == proto
+    assert tok.decode(tok.encode("the lazy fox café")) == "the lazy fox café"
     bare = save_checkpoint(tmp_path / "bare.pt", step=1, **state(m, opt, 1))
     with pytest.raises(CheckpointError, match="no tokenizer"):
-        tokenizer_from_checkpoint(load_checkpoint(bare))
+        checkpoint_tokenizer(load_checkpoint(bare))

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmforge.model.data import IGNORE_INDEX, ShardBatcher, ShardEvalSource, iter_eval_batches
+from llmforge.model.data import IGNORE_INDEX, ShardBatcher
+from llmforge.model.evaluate import split_stream, window_batches
+from llmforge.model.runtime import DistInfo
 from llmforge.pipeline.shards import Dataset
 
 try:
@@ -87,27 +89,24 @@ def test_rejects_block_size_longer_than_every_shard(ds: Dataset) -> None:
         ShardBatcher(ds, "val", too_long, 2, seed=0)
 
 
-def test_eval_batches_cover_every_target_once_in_order(ds: Dataset) -> None:
-    T = 100
-    ys = [y[y != IGNORE_INDEX].numpy() for _, y in iter_eval_batches(ds, "val", T, 7)]
-    stream = np.concatenate(ys)
-    expected = np.concatenate([s.tokens[1:] for s in ds.shards("val")])
-    assert np.array_equal(stream, expected)
-    xs = [(x, y) for x, y in iter_eval_batches(ds, "val", T, 7)]
-    x0, y0 = xs[0]
+def test_scorer_windows_cover_every_target_once_in_order(ds: Dataset) -> None:
+    stream, counts = split_stream(ds, "val")
+    assert counts["tokens"] == ds.num_tokens("val") == len(stream) - 1
+    batches = list(window_batches(stream, 100, 100, 7, ds.eos_id))
+    ys = np.concatenate([y[y != IGNORE_INDEX].numpy() for _, y in batches])
+    assert np.array_equal(ys, stream.slice(1, len(stream)))  # every token after the leading EOS, once
+    x0, y0 = batches[0]
     assert torch.equal(x0[0, 1:], y0[0, :-1])  # y is x shifted by one
 
 
-def test_eval_batches_honour_max_tokens_and_ranks(ds: Dataset) -> None:
-    capped = sum(int((y != IGNORE_INDEX).sum()) for _, y in iter_eval_batches(ds, "val", 64, 4, max_tokens=1000))
-    assert capped == 1000
-    whole = sum(int((y != IGNORE_INDEX).sum()) for _, y in iter_eval_batches(ds, "val", 64, 4))
-    per_rank = [
-        sum(int((y != IGNORE_INDEX).sum()) for _, y in
-            ShardEvalSource(ds, "val", 64, 4, rank=r, world_size=2).eval_batches())
-        for r in range(2)
-    ]
-    assert sum(per_rank) == whole and min(per_rank) > 0
+def test_scorer_honours_max_tokens_with_whole_documents_and_splits_ranks(ds: Dataset) -> None:
+    stream, counts = split_stream(ds, "val", max_tokens=1000)
+    assert counts["documents"] >= 1 and (counts["tokens"] <= 1000 or counts["documents"] == 1)  # whole documents
+    whole = sum(int((y != IGNORE_INDEX).sum()) for _, y in window_batches(stream, 64, 64, 4, ds.eos_id))
+    per_rank = [sum(int((y != IGNORE_INDEX).sum()) for _, y in
+                    window_batches(stream, 64, 64, 4, ds.eos_id, dist=DistInfo(rank=r, world_size=2)))
+                for r in range(2)]
+    assert whole == counts["tokens"] and sum(per_rank) == whole and min(per_rank) > 0
 
 
 def test_loader_maps_the_shards_instead_of_copying_them(ds: Dataset) -> None:

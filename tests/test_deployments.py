@@ -60,9 +60,9 @@ class Stack:
         return "\n".join(out)
 
     def mlflow(self):
-        from mlflow import MlflowClient
+        from llmforge import tracking
 
-        return MlflowClient(tracking_uri=f"sqlite:///{self.mlruns / 'mlflow.db'}")
+        return tracking.client(f"sqlite:///{self.mlruns / 'mlflow.db'}")
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +94,10 @@ def tiny_params(stack: Stack, runs: Path, **train: Any) -> dict[str, Any]:
     return {
         "corpus": "quickstart",
         "preset": "tiny",
-        "train": {"max_steps": 40, "batch_size": 8, "eval_every": 20, "ckpt_every": 10, "eval_tokens": 16384,
-                  "model": TINY_MODEL, **train},
+        "model": TINY_MODEL,
+        "train": {"max_steps": 40, "batch_size": 8, "eval_every": 20, "ckpt_every": 10, "eval_tokens": 16384, **train},
         "evaluate": {"max_tokens": 20000},
-        "finetune": {"sft_file": str(SFT_FILE), "config": {"mode": "lora", "max_steps": 10}},
+        "finetune": {"sft": str(SFT_FILE), "mode": "lora", "train": {"max_steps": 10}},
         "shards": str(stack.shards),
         "runs": str(runs),
     }
@@ -210,9 +210,9 @@ def test_quickstart_deployment_runs_on_worker_and_records_every_stage_in_mlflow(
     assert parent.info.status == "FINISHED"
     assert parent.data.params["corpus"] == "quickstart"
     assert parent.data.params["train.max_steps"] == "40"
-    for key in ("val_loss", "eval_val_bpb", "ft_eval_val_bpb", "tokens_per_s", "duration_s"):
+    for key in ("val/loss", "val/bpb", "ft/val/bpb", "tokens_per_s", "duration_s"):
         assert key in parent.data.metrics, f"parent run lacks metric {key}: {sorted(parent.data.metrics)}"
-    assert 0 < parent.data.metrics["eval_val_bpb"] < 20
+    assert 0 < parent.data.metrics["val/bpb"] < 20
     assert "pipeline_summary.md" in artifact_paths(client, parent.info.run_id)
 
     stages = by_stage(children)
@@ -243,8 +243,8 @@ def test_quickstart_deployment_runs_on_worker_and_records_every_stage_in_mlflow(
         results = [p for p in art if p.endswith(".json")]
         assert results, f"no evaluation JSON among {sorted(art)}"
         result = json.loads(Path(client.download_artifacts(ev.info.run_id, results[0], str(stack.root / "dl"))).read_text())
-        assert result["val"]["bits_per_byte"] == pytest.approx(ev.data.metrics["val_bpb"])
-        assert 0 < ev.data.metrics["val_bpb"] < 20
+        assert result["val"]["bits_per_byte"] == pytest.approx(ev.data.metrics["val/bpb"])
+        assert 0 < ev.data.metrics["val/bpb"] < 20
 
     ft = stages["finetune"][0]
     assert ft.data.tags["llmforge.finetune_mode"] == "lora"

@@ -22,10 +22,11 @@ from llmforge.model.checkpoint import capture_rng_state, save_checkpoint
 from llmforge.model.data import ShardBatcher
 from llmforge.model.evaluate import (
     EvalConfig,
+    EvalStage,
     evaluate,
     load_mc_jsonl,
     score_multiple_choice,
-    split_nll,
+    score_split,
     split_stream,
     windows,
 )
@@ -164,7 +165,7 @@ def test_bits_per_byte_matches_hand_computation(dataset, tok, stride):
     n_bytes = sum(len(d.encode("utf-8")) for d in texts)
     assert n_bytes > sum(len(d) for d in texts)  # the multi-byte characters are counted as bytes
 
-    r = split_nll(model, dataset, "val", block_size=16, batch_size=3, stride=stride, progress=False)
+    r = score_split(model, dataset, "val", block_size=16, batch_size=3, stride=stride, progress=False)
 
     expected = hand_nll(model, stream, 16, stride)
     assert r["tokens"] == len(stream) - 1 == dataset.num_tokens("val")
@@ -205,8 +206,8 @@ def test_trained_model_has_lower_bits_per_byte_than_untrained(dataset, trained):
     torch.manual_seed(0)
     untrained = GPT(tiny_config(dataset.vocab_size, block_size=32)).eval()
     kw = dict(block_size=32, batch_size=4, progress=False)
-    good = split_nll(trained, dataset, "val", **kw)["bits_per_byte"]
-    bad = split_nll(untrained, dataset, "val", **kw)["bits_per_byte"]
+    good = score_split(trained, dataset, "val", **kw)["bits_per_byte"]
+    bad = score_split(untrained, dataset, "val", **kw)["bits_per_byte"]
     assert good < 0.5 * bad
 
 
@@ -270,8 +271,9 @@ def test_evaluate_writes_results_json_and_mlflow_run(tmp_path, monkeypatch, data
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ckpt = save_model(tmp_path / "ckpt.pt", trained, tok, step=150)
     out = tmp_path / "eval.json"
-    cfg = EvalConfig(batch_size=4, mc_file=str(DATA / "mc_facts.jsonl"), prompts=("the cat",), max_new_tokens=8)
-    result = evaluate(ckpt, dataset.root, cfg=cfg, out=out, device="cpu", progress=False)
+    cfg = EvalConfig(batch_size=4, mc_file=str(DATA / "mc_facts.jsonl"), prompts=["the cat"], max_new_tokens=8,
+                     device="cpu")
+    result = EvalStage(ckpt, dataset.root, cfg, out=out).run(progress=False)
 
     saved = json.loads(out.read_text())
     assert saved["val"]["bits_per_byte"] == pytest.approx(result["val"]["bits_per_byte"])
@@ -280,13 +282,16 @@ def test_evaluate_writes_results_json_and_mlflow_run(tmp_path, monkeypatch, data
     assert saved["samples"][0]["prompt"] == "the cat" and saved["samples"][0]["completion"]
     assert saved["data_fingerprint"] == dataset.fingerprint
 
-    import mlflow
+    from llmforge import tracking
 
-    run = mlflow.MlflowClient().get_run(saved["mlflow_run_id"])
-    assert run.data.metrics["val_bpb"] == pytest.approx(saved["val"]["bits_per_byte"])
-    assert run.data.metrics["mc_acc_norm"] == 1.0
+    client = tracking.client()
+    run = client.get_run(saved["mlflow_run_id"])
+    assert run.data.metrics["val/bpb"] == pytest.approx(saved["val"]["bits_per_byte"])
+    assert run.data.metrics["mc/acc_norm"] == 1.0
     assert run.data.tags["llmforge.stage"] == "evaluate"
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert run.data.tags["llmforge.checkpoint"] == str(ckpt.resolve())  # a path: a tag, not a param
+    assert (run.info.end_time - run.info.start_time) / 1000 >= saved["seconds"]  # the run spans the work
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"eval.json", "samples.txt"} <= artifacts
 
 
@@ -296,7 +301,7 @@ def test_evaluate_refuses_data_from_another_tokenizer(tmp_path, dataset, tok, tr
     assert other.fingerprint != tok.fingerprint
     ds = make_dataset(tmp_path / "other", other, {"val": [make_texts(2, seed=5)]})
     with pytest.raises(ValueError, match="not the one .* was tokenized with"):
-        evaluate(ckpt, ds.root, cfg=EvalConfig(prompts=()), device="cpu", track=False, progress=False)
+        evaluate(EvalStage(ckpt, ds.root, EvalConfig(prompts=[], device="cpu")), track=False, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,4 +349,5 @@ def test_evaluate_command_then_flow_skips_the_same_evaluation(tmp_path, prefect_
 def test_evaluate_command_names_a_missing_checkpoint(tmp_path):
     p = subprocess.run([LLMFORGE, "evaluate", str(tmp_path / "nope.pt"), "--mc", str(DATA / "mc_facts.jsonl"),
                         "--no-prefect"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert p.returncode == 2 and "nope.pt" in p.stderr and "not found" in p.stderr
+    assert p.returncode == 2 and "nope.pt: no such checkpoint file" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

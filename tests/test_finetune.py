@@ -9,7 +9,7 @@ import torch
 
 from llmforge.model import sft
 from llmforge.model.checkpoint import load_checkpoint
-from llmforge.model.finetune import FinetuneConfig, finetune
+from llmforge.model.finetune import FinetuneConfig, FinetuneStage
 from llmforge.model.generate import load_for_inference
 from llmforge.model.gpt import GPT
 from llmforge.pipeline.fsutil import read_json
@@ -45,10 +45,10 @@ def pretrained(tmp_path_factory, tok) -> dict:
 
 def base_checkpoint(tmp_path: Path, tok, *, block_size: int = 32, state: dict | None = None) -> tuple[Path, str]:
     """A base model with an MLflow run of its own, like `llmforge train` leaves behind."""
-    from llmforge.pipeline import tracking
+    from llmforge import tracking
 
-    with tracking.run("train-base", tags={"llmforge.stage": "train"}) as r:
-        run_id = r.info.run_id
+    with tracking.stage_run("train-base", stage="train") as r:
+        run_id = r.run_id
     torch.manual_seed(0)
     model = GPT(tiny_config(tok.vocab_size, block_size=block_size))
     if state is not None:
@@ -56,10 +56,16 @@ def base_checkpoint(tmp_path: Path, tok, *, block_size: int = 32, state: dict | 
     return save_model(tmp_path / "base.pt", model, tok, run_id=run_id), run_id
 
 
-def quick(mode: str, steps: int = 40, **kw) -> FinetuneConfig:
-    settings = dict(mode=mode, max_steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=0, ckpt_every=0,
-                    device="cpu", val_fraction=0.2)
-    return FinetuneConfig(**{**settings, **kw})
+def quick(mode: str, steps: int = 40, lr: float = 3e-3, **kw) -> dict:
+    train = dict(max_steps=steps, batch_size=8, lr=lr, warmup_steps=2, eval_every=0, ckpt_every=0, device="cpu")
+    return dict(mode=mode, val_fraction=0.2, train=train, **kw)
+
+
+def finetune(base: Path, *, out_dir: Path, cfg: dict, sft_file: Path | None = None, data_dir: Path | None = None):
+    config = FinetuneConfig.load({**cfg, "sft": str(sft_file) if sft_file else None,
+                                  "data": str(data_dir) if data_dir else None})
+    stage = FinetuneStage(base, config, out_dir=out_dir)
+    return stage.completed() or stage.run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,9 +164,9 @@ def test_sft_full_finetune_lowers_response_loss_and_links_base_run(tmp_path, mlr
     assert ckpt["lineage"]["base_checkpoint"] == str(base)
     assert ckpt["lineage"]["base_checkpoint_sha256"] == summary["base_checkpoint_sha256"]
 
-    import mlflow
+    from llmforge import tracking
 
-    run = mlflow.MlflowClient().get_run(summary["mlflow_run_id"])
+    run = tracking.client().get_run(summary["mlflow_run_id"])
     assert run.info.run_id != base_run
     assert run.data.tags["llmforge.base_run_id"] == base_run
     assert run.data.tags["llmforge.stage"] == "finetune"
@@ -179,7 +185,7 @@ def test_lora_finetune_trains_adapters_and_saves_a_merged_plain_checkpoint(tmp_p
     base, _ = base_checkpoint(tmp_path, tok, state=pretrained)
     out = tmp_path / "lora"
     summary = finetune(base, sft_file=SFT_FILE, out_dir=out, cfg=quick("lora", steps=40, lora_r=4, lora_alpha=8,
-                                                                          lr=1e-2))
+                                                                          lr=1e-2))  # noqa
     assert summary["mode"] == "lora"
     before, after = response_loss_of(base, tok), response_loss_of(out / "model.pt", tok)
     assert after < 0.6 * before, (before, after)
@@ -220,8 +226,17 @@ def test_text_finetune_refuses_shards_from_another_tokenizer(tmp_path, mlruns, t
 
 
 def test_finetune_needs_exactly_one_data_source(tmp_path, tok):
-    with pytest.raises(ValueError, match="exactly one of data_dir"):
-        finetune(tmp_path / "x.pt", out_dir=tmp_path / "ft", cfg=quick("full"))
+    base, _ = base_checkpoint(tmp_path, tok)
+    with pytest.raises(ValueError, match="fine-tuning needs data"):
+        FinetuneStage(base, FinetuneConfig.load(quick("full")))
+    with pytest.raises(ValueError, match="exactly one data source, got sft and data"):
+        FinetuneConfig.load({**quick("full"), "sft": str(SFT_FILE), "data": str(tmp_path)})
+
+
+def test_finetune_train_section_keeps_the_fine_tuning_defaults():
+    cfg = FinetuneConfig.load({"mode": "lora", "train": {"max_steps": 7}})
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 1e-3 and cfg.train.weight_decay == 0.0  # LoRA defaults
+    assert FinetuneConfig.load({}).train.lr == 1e-4 and FinetuneConfig.load({}).train.max_steps == 500
 
 
 @pytest.mark.slow

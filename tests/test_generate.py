@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from llmforge.flows.cli import main as cli_main
-from llmforge.flows.commands.generate import IncrementalDecoder
 from llmforge.model.checkpoint import CheckpointError, CheckpointManager, capture_rng_state, save_checkpoint
-from llmforge.model.generate import generate, load_for_inference, sample_next
+from llmforge.model.generate import IncrementalDecoder, generate, load_for_inference, sample_next
 from llmforge.model.gpt import GPT, GPTConfig
 
 torch.set_num_threads(1)
@@ -144,9 +143,9 @@ def _checkpoint(tmp_path: Path, proto: bytes, model: GPT) -> Path:
 def test_load_for_inference_rebuilds_model_and_tokenizer_from_the_file_alone(tmp_path, tokenizer_proto):
     m = tiny_model()
     path = _checkpoint(tmp_path, tokenizer_proto, m)
-    loaded, sp, meta = load_for_inference(path, "cpu")
+    loaded, tok, meta = load_for_inference(path, "cpu")
     assert meta["step"] == 12 and meta["val_loss"] == 4.2
-    assert sp.serialized_model_proto() == tokenizer_proto
+    assert tok.proto == tokenizer_proto
     idx = torch.tensor([[3, 4, 5]])
     assert generate(loaded, idx, 15, temperature=0).tolist() == generate(m, idx, 15, temperature=0).tolist()
 
@@ -189,8 +188,9 @@ def test_cli_streams_the_same_text_greedy_generation_produces(tmp_path, tokenize
 def test_cli_reports_a_bad_checkpoint_clearly(tmp_path, capsys):
     bad = tmp_path / "junk.pt"
     bad.write_bytes(b"not a checkpoint at all")
-    assert cli_main(["generate", str(bad), "--prompt", "x"]) == 1
-    assert "junk.pt" in capsys.readouterr().err
+    assert cli_main(["generate", str(bad), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "junk.pt: not a torch checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
 def test_never_samples_ids_beyond_the_tokenizer_vocabulary():

@@ -98,13 +98,15 @@ def test_tiny_preset_fits_a_cpu_and_takes_vocab_from_caller():
 def test_preset_with_unknown_key_is_an_error_naming_the_file(tmp_path: Path):
     p = tmp_path / "typo.yaml"
     p.write_text("n_layer: 2\nn_heads: 4\n")
-    with pytest.raises(ValueError, match=r"typo\.yaml.*n_heads"):
+    with pytest.raises(ValueError, match=r"typo\.yaml: unknown key n_heads; did you mean n_head\?"):
         load_preset(str(p))
 
 
 def test_missing_preset_lists_the_available_ones():
     with pytest.raises(FileNotFoundError, match="gpt2-124m"):
         load_preset("no-such-model")
+    with pytest.raises(FileNotFoundError, match="no such model preset 'tny'; did you mean tiny"):
+        load_preset("tny")
 
 
 def test_invalid_shape_is_rejected():
@@ -114,7 +116,7 @@ def test_invalid_shape_is_rejected():
 
 def test_config_round_trips_through_dict():
     cfg = tiny(dropout=0.1, rope_theta=500.0)
-    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    assert GPTConfig.load(cfg.to_dict()) == cfg
 
 
 def test_sequence_longer_than_block_is_an_error():

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_FILE = REPO / "configs" / "finetune" / "python-docs.jsonl"
-TINY = ["--set", "batch_size=8", "--set", "eval_every=0", "--set", "eval_tokens=16384",
-        "--set", 'model={"n_layer": 2, "n_embd": 64, "n_head": 2}', "--eval-set", "max_tokens=20000",
-        "--task-runner", "thread"]
+TINY = ["--set", "train.batch_size=8", "--set", "train.eval_every=0", "--set", "train.eval_tokens=16384",
+        "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_head=2",
+        "--set", "eval.max_tokens=20000", "--task-runner", "thread"]
 
 
 def llmforge(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -43,17 +43,18 @@ def store(prefect_server, tmp_path_factory) -> Iterator[Path]:
            "PREFECT_LOGGING_LEVEL": "WARNING"}
     common = ["pipeline", "--corpus", "quickstart", "--preset", "tiny", *TINY,
               "--shards", str(tmp_path_factory.getbasetemp() / "shards"), "--runs", str(root / "runs")]
-    for extra in (["--set", "max_steps=20", "--sft", str(SFT_FILE), "--ft-set", "mode=lora", "--ft-set", "max_steps=5"],
-                  ["--set", "max_steps=30"]):
+    for extra in (["--set", "train.max_steps=20", "--sft", str(SFT_FILE), "--set", "finetune.mode=lora",
+                   "--set", "finetune.train.max_steps=5"],
+                  ["--max-steps", "30"]):
         r = llmforge(common + extra, env, cwd=root)  # cwd: relative outputs stay out of the repo
         assert r.returncode == 0, f"llmforge pipeline failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     yield root / "mlruns"
 
 
 def local_pipeline_runs(mlruns: Path):
-    from mlflow import MlflowClient
+    from llmforge import tracking
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}")
+    client = tracking.client(f"sqlite:///{mlruns / 'mlflow.db'}")
     exp = client.get_experiment_by_name("llmforge")
     return client.search_runs([exp.experiment_id], "tags.`llmforge.pipeline` = 'true'",
                               order_by=["attributes.start_time DESC"])
@@ -83,12 +84,12 @@ def test_mlflow_server_serves_both_pipeline_runs_and_their_metrics(store: Path, 
             params = {p["key"]: p["value"] for p in r["data"]["params"]}
             assert metrics == pytest.approx(local[rid].data.metrics)
             assert params["corpus"] == "quickstart" and params["preset"] == "tiny"
-            assert 0 < metrics["eval_val_bpb"] < 20 and metrics["val_loss"] > 0
+            assert 0 < metrics["val/bpb"] < 20 and metrics["val/loss"] > 0
         steps = [json.loads(r["data"] and next(p["value"] for p in r["data"]["params"] if p["key"] == "train.max_steps"))
                  for r in found]
         assert steps == [20, 30]
-        assert "ft_eval_val_bpb" in {m["key"] for m in found[0]["data"]["metrics"]}
-        assert "ft_eval_val_bpb" not in {m["key"] for m in found[1]["data"]["metrics"]}
+        assert "ft/val/bpb" in {m["key"] for m in found[0]["data"]["metrics"]}
+        assert "ft/val/bpb" not in {m["key"] for m in found[1]["data"]["metrics"]}
 
         # the stage runs are there too, as children, with their metric history
         first = found[0]["info"]["run_id"]
@@ -122,12 +123,12 @@ def test_runs_command_lists_pipeline_runs_newest_first_with_results(store: Path,
         assert row["stage"] == "pipeline" and row["status"] == "FINISHED"
         assert row["corpus"] == "quickstart" and row["preset"] == "tiny"
         assert row["model"].startswith("2x64 ") and row["params"] > 0
-        assert row["val_loss"] == pytest.approx(m["val_loss"])
-        assert row["bpb"] == pytest.approx(m["eval_val_bpb"])
+        assert row["val_loss"] == pytest.approx(m["val/loss"])
+        assert row["bpb"] == pytest.approx(m["val/bpb"])
         assert row["tokens_per_s"] == pytest.approx(m["tokens_per_s"])
         assert row["duration_s"] == pytest.approx(m["duration_s"])
     assert [row["steps"] for row in rows] == [30, 20]
-    assert rows[0]["ft_bpb"] is None and rows[1]["ft_bpb"] == pytest.approx(local[1].data.metrics["ft_eval_val_bpb"])
+    assert rows[0]["ft_bpb"] is None and rows[1]["ft_bpb"] == pytest.approx(local[1].data.metrics["ft/val/bpb"])
 
     table = llmforge(["runs"], env, cwd=tmp_path, timeout=120)
     assert table.returncode == 0, table.stderr
@@ -149,6 +150,6 @@ def test_runs_command_lists_pipeline_runs_newest_first_with_results(store: Path,
 def test_runs_command_names_a_missing_store(tmp_path: Path) -> None:
     r = llmforge(["runs"], {"LLMFORGE_MLRUNS": str(tmp_path / "nowhere"), "MLFLOW_TRACKING_URI": ""},
                  cwd=tmp_path, timeout=120)
-    assert r.returncode == 1
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert str(tmp_path / "nowhere" / "mlflow.db") in r.stderr
     assert not (tmp_path / "nowhere").exists(), "listing runs must not create a store"

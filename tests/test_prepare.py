@@ -109,9 +109,9 @@ def test_prepare_from_http_is_lossless_tracked_and_idempotent(web_corpus, prefec
     assert n == len(cleaned) == cm["stats"]["docs_kept"]
 
     # the run is in MLflow with params, metrics and artifacts
-    import mlflow
+    from llmforge import tracking
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("llmforge")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
@@ -125,7 +125,9 @@ def test_prepare_from_http_is_lossless_tracked_and_idempotent(web_corpus, prefec
     # a re-run of the finished flow does no work and changes nothing
     before = {p: p.stat().st_mtime_ns for p in ds_dir.rglob("*") if p.is_file()}
     p2 = _prepare(spec, out, env)
-    assert "| tokenize | skipped |" in p2.stdout and "| extract+clean | skipped |" in p2.stdout
+    assert "every stage was done before" in p2.stdout and f"{ds_dir}/manifest.json" in p2.stdout
+    assert "Prefect" not in p2.stderr  # nothing to run: no server started, no flow run, no new MLflow run
+    assert len(client.search_runs([exp.experiment_id])) == 1
     assert {p: p.stat().st_mtime_ns for p in ds_dir.rglob("*") if p.is_file()} == before
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,10 @@ import torch
 
 from llmforge.model.checkpoint import CheckpointManager, load_checkpoint
 from llmforge.model.data import IGNORE_INDEX, ShardBatcher
-from llmforge.model.train import TrainConfig, TrainingDiverged, launch, lr_factor, train
+from llmforge.errors import ConfigError
+from llmforge.model.gpt import ModelSpec
+from llmforge.model.launch import launch
+from llmforge.model.train import TrainConfig, TrainingDiverged, TrainRecipe, lr_factor, train
 from llmforge.pipeline.shards import Dataset
 
 try:
@@ -42,21 +46,18 @@ def mlruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "mlruns"
 
 
-def small_cfg(**kw) -> TrainConfig:
-    base = dict(model=dict(SMALL), block_size=32, batch_size=4, max_steps=20, lr=3e-3, warmup_steps=5,
+def small_cfg(model: dict | None = None, **kw) -> TrainRecipe:
+    base = dict(block_size=32, batch_size=4, max_steps=20, lr=3e-3, warmup_steps=5,
                 eval_every=0, eval_tokens=2048, log_every=1, ckpt_every=0, sample_tokens=8,
                 sample_prompts=["def "], log_checkpoints=False)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainRecipe(model=ModelSpec(**(model or SMALL)), train=TrainConfig(**base))
 
 
 def client():
-    import mlflow
+    from llmforge import tracking
 
-    from llmforge.pipeline import tracking
-
-    tracking.setup()
-    return mlflow.MlflowClient()
+    return tracking.client()
 
 
 def loss_curve(run_id: str) -> dict[int, float]:
@@ -70,11 +71,11 @@ DRIVER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from llmforge.model.data import ShardBatcher
-    from llmforge.model.train import TrainConfig, train
+    from llmforge.model.train import TrainRecipe, train
     from llmforge.pipeline.shards import Dataset
 
     data, out, kill_step, cfg_json = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    cfg = TrainConfig.from_dict(json.loads(cfg_json))
+    cfg = TrainRecipe.load(json.loads(cfg_json))
 
     class KillBeforeStep:
         # the real loader; SIGKILLs this process when the batch of `kill_step` is requested,
@@ -91,13 +92,13 @@ DRIVER = textwrap.dedent("""
             self.inner.load_state_dict(s)
 
     ds = Dataset.open(data)
-    batcher = KillBeforeStep(ShardBatcher(ds, "train", cfg.block_size, cfg.batch_size, seed=cfg.seed))
+    batcher = KillBeforeStep(ShardBatcher(ds, "train", cfg.train.block_size, cfg.train.batch_size, seed=cfg.train.seed))
     summary = train(cfg, data, out, batcher=batcher)
     print("SUMMARY " + json.dumps(summary))
 """)
 
 
-def run_driver(tmp_path: Path, data: Path, out: Path, kill_step: int, cfg: TrainConfig) -> subprocess.CompletedProcess:
+def run_driver(tmp_path: Path, data: Path, out: Path, kill_step: int, cfg: TrainRecipe) -> subprocess.CompletedProcess:
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -170,9 +171,11 @@ def test_loss_falls_well_below_uniform_and_run_is_recorded(tmp_path: Path, data:
     p = run.data.params
     assert p["model.n_layer"] == "2" and p["train.optimizer"] == "adamw" and p["train.lr"] == "0.003"
     ds = Dataset.open(data)
-    assert p["lineage.dataset_fingerprint"] == ds.fingerprint
-    assert p["lineage.tokenizer_fingerprint"] == ds.manifest["tokenizer"]["fingerprint"]
-    for key in ("train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s"):
+    tags = run.data.tags
+    assert tags["llmforge.dataset_fingerprint"] == ds.fingerprint  # ids are tags, not params to plot
+    assert tags["llmforge.tokenizer_fingerprint"] == ds.manifest["tokenizer"]["fingerprint"]
+    assert not any(k.startswith("lineage.") for k in p)
+    for key in ("train/loss", "val/loss", "val/bpb", "lr", "grad_norm", "tokens_per_s"):
         assert key in run.data.metrics, key
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val/loss")] == [100, 200]
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
@@ -181,7 +184,7 @@ def test_loss_falls_well_below_uniform_and_run_is_recorded(tmp_path: Path, data:
     png = Path(c.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sample = c.download_artifacts(run.info.run_id, "samples", str(tmp_path))
-    assert Path(sample, "step-00000200.txt").read_text().startswith("### 'def '")
+    assert Path(sample, "step-00000200.txt").read_text().startswith("=== 'def '")
     assert run.data.tags["llmforge.status"] == "completed"
 
     ckpt = load_checkpoint(s["checkpoint"])
@@ -192,6 +195,17 @@ def test_loss_falls_well_below_uniform_and_run_is_recorded(tmp_path: Path, data:
 
     again = train(cfg, data, tmp_path / "run")  # a finished run is not trained again
     assert again["step"] == 200 and again["mlflow_run_id"] == s["mlflow_run_id"]
+
+
+def test_training_val_loss_equals_llmforge_evaluate_on_the_same_budget(tmp_path: Path, data: Path) -> None:
+    from llmforge.model.evaluate import EvalConfig, EvalStage
+
+    s = train(small_cfg(max_steps=8, eval_every=4, eval_tokens=3000, sample_prompts=[]), data, tmp_path / "run")
+    ckpt = Path(s["checkpoint"])
+    r = EvalStage(ckpt, data, EvalConfig(max_tokens=3000, prompts=[], device="cpu")).run(progress=False)
+    assert abs(r["val"]["loss"] - s["val_loss"]) < 1e-6, (r["val"]["loss"], s["val_loss"])
+    history = client().get_metric_history(s["mlflow_run_id"], "val/loss")
+    assert abs([m.value for m in history if m.step == 8][0] - r["val"]["loss"]) < 1e-6
 
 
 # ---------------------------------------------------------------------------------- non-finite
@@ -219,7 +233,7 @@ class MaskedAt:
 def test_non_finite_step_is_skipped_and_counted(tmp_path: Path, data: Path) -> None:
     cfg = small_cfg(max_steps=6, ckpt_every=1, keep_last=10)
     ds = Dataset.open(data)
-    batcher = MaskedAt(ShardBatcher(ds, "train", 32, 4, seed=cfg.seed), {3})
+    batcher = MaskedAt(ShardBatcher(ds, "train", 32, 4, seed=cfg.train.seed), {3})
     s = train(cfg, data, tmp_path / "run", batcher=batcher)
     assert s["status"] == "completed" and s["step"] == 6 and s["bad_steps"] == 1
     w3 = load_checkpoint(tmp_path / "run" / "ckpt-00000003.pt")["model_state"]
@@ -251,7 +265,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(tmp_path: Path,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmforge", "train", "--data", str(data), "--out", str(out), "--no-prefect",
-         "--set", "n_layer=2", "--set", "n_embd=64", "--set", "n_head=2", "--block-size", "32",
+         "--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_head=2", "--block-size", "32",
          "--batch-size", "4", "--max-steps", "100000", "--log-every", "1", "--eval-every", "0",
          "--ckpt-every", "0", "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
@@ -274,6 +288,40 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(tmp_path: Path,
     assert "resume with the same command" in text and "MLflow run" in text
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_prefect_checkpoints_and_exits_within_5_seconds(tmp_path: Path, data: Path) -> None:
+    """As in a terminal: the command runs as a Prefect flow on its own temporary server, and
+    Ctrl-C (SIGINT to the foreground process group) reaches the command, not the server."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmforge", "train", "--data", str(data), "--out", str(out), "--set", "model.n_layer=2",
+         "--set", "model.n_embd=64", "--set", "model.n_head=2", "--block-size", "32", "--batch-size", "4",
+         "--max-steps", "100000", "--log-every", "1", "--eval-every", "0", "--ckpt-every", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step      3/"):
+                t0 = time.monotonic()
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text[-3000:]
+    assert elapsed < 5, f"exited {elapsed:.1f}s after Ctrl-C\n{text[-2000:]}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["step"] >= 3
+    assert CheckpointManager(out).latest().name == f"ckpt-{summary['step']:08d}.pt"
+    assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
+
+
 def test_max_minutes_stops_with_a_checkpoint(tmp_path: Path, data: Path) -> None:
     s = train(small_cfg(max_steps=100000, max_minutes=0.05, sample_prompts=[]), data, tmp_path / "run")
     assert s["status"] == "time_limit" and 0 < s["step"] < 100000
@@ -283,7 +331,7 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path: Path, data: Path) -> None
 # ---------------------------------------------------------------------------------- schedule, init_from
 
 def test_schedule_warms_up_linearly_then_decays_to_min_lr() -> None:
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)  # noqa: the loop's own config
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
     assert lr_factor(60, cfg) == pytest.approx(0.55)
     assert lr_factor(110, cfg) == pytest.approx(0.1) and lr_factor(500, cfg) == pytest.approx(0.1)
@@ -313,10 +361,12 @@ def test_init_from_starts_from_its_weights_with_a_fresh_optimizer(tmp_path: Path
 
 
 def test_rejects_unknown_options_and_bad_values() -> None:
-    with pytest.raises(ValueError, match="unknown training option"):
-        TrainConfig.from_dict({"learning_rate": 1e-3})
-    with pytest.raises(ValueError, match="optimizer must be"):
-        TrainConfig(optimizer="sgd").validate()
+    with pytest.raises(ConfigError, match="unknown key learning_rate; .*known:"):
+        TrainConfig.load({"learning_rate": 1e-3}, source="recipe.yaml")
+    with pytest.raises(ConfigError, match="recipe.yaml: train.optimizer: .*'adamw' or 'muon'"):
+        TrainRecipe.load({"train": {"optimizer": "sgd"}}, source="recipe.yaml")
+    with pytest.raises(ConfigError, match="unknown key train.lrr; did you mean lr"):
+        TrainRecipe.load({"train": {"lrr": 1e-3}}, source="x")
 
 
 # ---------------------------------------------------------------------------------- CLI and flow
@@ -333,7 +383,8 @@ def test_cli_help_explains_every_option() -> None:
 def test_cli_reports_a_missing_dataset_clearly(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "llmforge", "train", "--data", str(tmp_path / "nope"), "--no-prefect"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "no manifest.json" in r.stderr and str(tmp_path / "nope") in r.stderr
+    assert r.returncode == 2 and "no such directory" in r.stderr and str(tmp_path / "nope") in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
 FLOW = textwrap.dedent("""
@@ -343,8 +394,8 @@ FLOW = textwrap.dedent("""
     from llmforge.flows.train import train_flow
     cfg = json.loads(sys.argv[2])
     # a run cut short (as a crash or a time limit would), then the same flow run again
-    first = train_flow(data_dir=sys.argv[1], preset="tiny", overrides={**cfg, "max_minutes": 0.01})
-    second = train_flow(data_dir=sys.argv[1], preset="tiny", overrides=cfg)
+    first = train_flow(data_dir=sys.argv[1], model=cfg["model"], train={**cfg["train"], "max_minutes": 0.01})
+    second = train_flow(data_dir=sys.argv[1], model=cfg["model"], train=cfg["train"])
     print("SUMMARY " + json.dumps([first, second]))
 """)
 
@@ -356,8 +407,7 @@ def test_flow_rerun_resumes_in_the_same_run_directory(tmp_path: Path, data: Path
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1",
            "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    cfg = small_cfg(max_steps=100, sample_prompts=[], log_every=50).to_dict()
-    cfg.pop("preset")
+    cfg = small_cfg(max_steps=100, sample_prompts=[], log_every=50).model_dump(exclude_none=True)
     r = subprocess.run([sys.executable, str(script), str(data), json.dumps(cfg)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

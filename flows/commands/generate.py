@@ -1,8 +1,9 @@
 """Generate text from a checkpoint, streaming it to stdout as tokens arrive.
 
 The checkpoint alone is enough: it carries the model config, the weights and the tokenizer.
+A run directory means its best.pt.
 
-  llmforge generate runs/tiny/checkpoints/best.pt --prompt "Once upon a time" --max-new-tokens 200
+  llmforge generate runs/train-tiny-XXXX/best.pt --prompt "Once upon a time" --max-new-tokens 200
   llmforge generate ckpt.pt --prompt "The" --temperature 0        # greedy
   llmforge generate ckpt.pt --prompt "The" --top-p 0.9 --seed 1   # reproducible nucleus sampling
 
@@ -14,52 +15,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmforge.flows.options import add_flags
+
 HELP = "sample text from a checkpoint (KV-cached, streamed)"
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a checkpoint file (ckpt-*.pt or best.pt)")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda[:N]")
-    parser.add_argument("--no-cache", action="store_true", help="re-run the whole context each step")
-    parser.add_argument("--no-echo", action="store_true", help="print only the continuation")
+def configure(p: argparse.ArgumentParser) -> None:
+    from llmforge.model.generate import SamplingConfig
 
-
-class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas that are safe to print: text that
-    ends in an incomplete UTF-8 sequence (byte-fallback pieces, U+FFFD) is held back until the
-    remaining bytes arrive."""
-
-    def __init__(self, decode) -> None:
-        self.decode = decode
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        return self._delta(final=False)
-
-    def flush(self) -> str:
-        return self._delta(final=True)
-
-    def _delta(self, final: bool) -> str:
-        text = self.decode(self.ids)
-        if not final:
-            text = text.rstrip("\ufffd")
-        if text.startswith(self.emitted):
-            delta = text[len(self.emitted):]
-        else:  # never with our lossless tokenizer; print what follows the common prefix
-            common = 0
-            while common < min(len(text), len(self.emitted)) and text[common] == self.emitted[common]:
-                common += 1
-            delta = text[common:]
-        self.emitted = text
-        return delta
+    p.add_argument("checkpoint", help="a checkpoint file (best.pt, ckpt-*.pt, a fine-tune's model.pt) or run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default: 200)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda[:N]")
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole context each step")
+    p.add_argument("--no-echo", action="store_true", help="print only the continuation")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="a sampling field, e.g. --set sampling.top_k=40; repeatable")
+    add_flags(p, SamplingConfig, "sampling", title="sampling options (also --set sampling.NAME=VALUE)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,19 +39,20 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from llmforge.model.checkpoint import CheckpointError
-    from llmforge.model.generate import generate, load_for_inference
-    from llmforge.pipeline.tokenizer import Tokenizer
+    from llmforge.errors import ConfigError
+    from llmforge.flows.options import settings
+    from llmforge.model.checkpoint import find_checkpoint
+    from llmforge.model.generate import (GenerateOptions, IncrementalDecoder, SamplingConfig, generate,
+                                         load_for_inference)
+    from llmforge.model.runtime import check_device
 
+    root, _ = settings(args, {}, lambda d, src: GenerateOptions.load(d, source=src), "defaults")
+    sampling: SamplingConfig = root.sampling
     if args.max_new_tokens < 0:
-        print("error: --max-new-tokens must be >= 0", file=sys.stderr)
-        return 2
-    try:
-        model, sp, meta = load_for_inference(args.checkpoint, args.device)
-    except (CheckpointError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    tok = Tokenizer(sp.serialized_model_proto())  # lossless encode (see pipeline/tokenizer.py)
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
+    check_device(args.device)
+    find_checkpoint(args.checkpoint)  # the file's kind, before anything is unpickled
+    model, tok, meta = load_for_inference(args.checkpoint, args.device)
     device = next(model.parameters()).device
     prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
     block = model.config.block_size
@@ -97,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     t0 = time.perf_counter()
-    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, eos_id=tok.eos_id,
+    out = generate(model, idx, args.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                   top_p=sampling.top_p, seed=sampling.seed, use_cache=not args.no_cache, eos_id=tok.eos_id,
                    stream=stream, vocab_limit=tok.vocab_size)
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()

@@ -1,7 +1,8 @@
 """Download, clean, train a tokenizer for and tokenize a corpus into memory-mapped Arrow shards.
 
 Every stage is skipped when its output (named by a fingerprint of its config and inputs) already
-exists, and a killed run resumes where it stopped: run the same command again.
+exists, and a killed run resumes where it stopped: run the same command again. A corpus that is
+already prepared is reported at once, without starting Prefect.
 
 examples:
   llmforge prepare --corpus quickstart
@@ -12,7 +13,8 @@ examples:
 from __future__ import annotations
 
 import argparse
-import json
+
+from llmforge.flows.options import add_run_options
 
 HELP = "download + clean + tokenize a corpus into token shards (the data flow)"
 
@@ -39,26 +41,32 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="where tasks run: process (default), thread, dask (a local Dask cluster) or the address "
                         "of a running Dask scheduler (tcp://host:8786)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(p, prefect=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmforge.flows.data import prepare_flow
+    from llmforge.console import say
+    from llmforge.errors import ConfigError
+    from llmforge.flows.data import load_spec
+    from llmforge.pipeline.prepare import Prepare, dataset_line
 
-    overrides = {}
-    if args.format:
-        overrides["format"] = args.format
-    if args.text_key:
-        overrides["text_key"] = args.text_key
+    overrides = {k: v for k, v in (("format", args.format), ("text_key", args.text_key)) if v}
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be >= 1")
     corpus = args.corpus if (args.corpus or args.source) else "quickstart"
-    result = prepare_flow(
-        corpus=corpus, sources=args.source, out=args.out, vocab_size=args.vocab_size, workers=args.workers,
-        task_runner=args.task_runner, tokenizer_model=args.tokenizer, overrides=overrides or None,
-        progress=not args.no_progress,
-    )
-    ds_dir = result["dataset"]
-    print(result["summary"])
-    with open(f"{ds_dir}/manifest.json") as f:
-        m = json.load(f)
-    toks = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shards" for s, v in m["splits"].items())
-    print(f"\ndataset ready: {ds_dir}/manifest.json\n  {toks}\n  train with: llmforge train --data {ds_dir}")
+    spec = load_spec(corpus, args.source, args.vocab_size, overrides)
+    plan = Prepare(spec, args.out, args.tokenizer)
+    if (ds_dir := plan.done()) is not None:
+        say(f"dataset ready (every stage was done before): {ds_dir / 'manifest.json'}\n  {dataset_line(ds_dir)}\n"
+            f"  train with: llmforge train --data {ds_dir}")
+        return 0
+    from llmforge.flows.session import prefect_session
+
+    with prefect_session():
+        from llmforge.flows.data import prepare_flow
+
+        result = prepare_flow(corpus=corpus, sources=args.source, out=args.out, vocab_size=args.vocab_size,
+                              workers=args.workers, task_runner=args.task_runner, tokenizer_model=args.tokenizer,
+                              overrides=overrides or None, progress=not args.no_progress, experiment=args.experiment)
+    say(f"  train with: llmforge train --data {result['dataset']}")
     return 0

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 HELP = "compare the pipeline runs recorded in MLflow"
 
@@ -33,30 +31,21 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmforge.pipeline import tracking
-
-    if args.last < 0:
-        print(f"--last must be >= 0 (got {args.last})", file=sys.stderr)
-        return 2
-    uri = args.tracking_uri or tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
-        print(f"no MLflow store at {uri[len('sqlite:///'):]}: run `llmforge pipeline` first, or point "
-              f"LLMFORGE_MLRUNS / MLFLOW_TRACKING_URI at a store", file=sys.stderr)
-        return 1
-
-    import logging
-
-    from mlflow import MlflowClient
-
+    from llmforge import tracking
+    from llmforge.errors import ConfigError, NotFound
     from llmforge.model.runs import format_table, query
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if args.last < 0:
+        raise ConfigError(f"--last {args.last}: must be >= 0")
+    uri = args.tracking_uri or tracking.tracking_uri()
+    if not tracking.store_exists(uri):
+        raise NotFound(f"no MLflow store at {uri[len('sqlite:///'):]}: run `llmforge pipeline` first, or point "
+                       f"LLMFORGE_MLRUNS / MLFLOW_TRACKING_URI at a store")
     try:
-        rows = query(MlflowClient(tracking_uri=uri), args.experiment, last=args.last or None,
+        rows = query(tracking.client(uri), args.experiment, last=args.last or None,
                      include_stages=args.include_stages)
     except LookupError as e:
-        print(f"{uri}: {e}", file=sys.stderr)
-        return 1
+        raise NotFound(f"{uri}: {e}") from None
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
