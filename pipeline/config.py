@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llmforge.pipeline.clean import CleanConfig
 from llmforge.pipeline.download import SourceSpec
 from llmforge.pipeline.fsutil import read_yaml_mapping
+from llmforge.pipeline.readers import ReadLimits
 from llmforge.pipeline.tokenize import TokenizeConfig
 from llmforge.pipeline.tokenizer import TokenizerConfig
 
@@ -43,6 +44,7 @@ class CorpusSpec(BaseModel):
     format: str | None = Field(None, description="reader format for sources that don't set one (default: detect)")
     text_key: str = Field("text", description="JSON key / parquet column holding the text")
     max_documents: int | None = Field(None, gt=0, description="stop after this many input documents (for quick runs)")
+    read: ReadLimits = Field(default_factory=ReadLimits, description="size caps that bound reading hostile input")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
