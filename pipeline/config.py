@@ -15,7 +15,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmforge.pipeline.clean import CleanConfig
 from llmforge.pipeline.download import SourceSpec
@@ -45,11 +45,21 @@ class CorpusSpec(BaseModel):
     text_key: str = Field("text", description="JSON key / parquet column holding the text")
     max_documents: int | None = Field(None, gt=0, description="stop after this many input documents (for quick runs)")
     read: ReadLimits = Field(default_factory=ReadLimits, description="size caps that bound reading hostile input")
-    clean: CleanConfig = Field(default_factory=CleanConfig)
+    clean: CleanConfig = Field(
+        default_factory=CleanConfig,
+        description="cleaning rules: a profile name (web, books, code, none) or a mapping with "
+        "`profile:` and field overrides",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     notes: dict[str, Any] = Field(default_factory=dict, description="free-form facts (sizes, licences, mirrors)")
+
+    @field_validator("clean", mode="before")
+    @classmethod
+    def _clean_profile_name(cls, v: Any) -> Any:
+        """``clean: books`` is short for ``clean: {profile: books}``."""
+        return {"profile": v} if isinstance(v, str) else v
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
