@@ -334,7 +334,7 @@ def byte_drop_warnings(counts: Mapping[str, int], threshold: float = 0.10) -> li
             docs = counts.get(f"dropped.{reason}", 0)
             setting = RULE_SETTINGS.get(reason, reason)
             lines.append(
-                f"clean: rule {reason!r} dropped {n / total:.0%} of the input text ({n / 1e6:.1f} of "
+                f"clean: rule {reason!r} dropped {n / total:.1%} of the input text ({n / 1e6:.1f} of "
                 f"{total / 1e6:.1f} MB, {docs} documents); if that is wrong for this corpus, choose a clean "
                 f"profile that fits it ({', '.join(PROFILES)}) or set clean.{setting}"
             )

@@ -350,7 +350,7 @@ def test_byte_drop_warnings_name_each_rule_over_a_tenth_of_the_input(good):
     warnings = byte_drop_warnings(counts)
     assert len(warnings) == 1, warnings  # too_short is far below 10% of the bytes
     share = counts["dropped_bytes.too_many_words"] / counts["text_bytes_in"]
-    assert warnings[0].startswith(f"clean: rule 'too_many_words' dropped {share:.0%} of the input text")
+    assert warnings[0].startswith(f"clean: rule 'too_many_words' dropped {share:.1%} of the input text")
     assert "1 documents" in warnings[0] and "clean.max_words" in warnings[0] and "books" in warnings[0]
     assert byte_drop_warnings(counts, threshold=0.99) == []
     assert byte_drop_warnings(Counter()) == []

@@ -75,7 +75,10 @@ _CHILD = textwrap.dedent("""
         crashed = None
     except BaseException as e:  # MemoryError and friends: reported, the test asserts on it
         crashed = repr(e)[:300]
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak. ru_maxrss is no good here: Linux carries the parent's
+    # peak over exec (the pytest process, hundreds of MB), so it measures the wrong process.
+    with open("/proc/self/status") as f:
+        rss_mb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     print(json.dumps({"ids": ids, "counts": dict(stats.counts), "errors": stats.errors,
                       "rss_mb": rss_mb, "crashed": crashed}))
 """)
