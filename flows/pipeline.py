@@ -9,6 +9,7 @@ same flow run) with a child run per stage.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -59,9 +60,11 @@ def pipeline_flow(
     t0 = time.time()
     params = {"corpus": corpus, "recipe": recipe, "preset": preset, "model": model or {}, "train": train or {},
               "evaluate": evaluate or {}, "finetune": finetune or {}, "vocab_size": vocab_size, "nproc": nproc}
-    label = recipe or preset or "tiny"
-    parent = tracking.pipeline_run(experiment, tracking.run_name("pipeline", corpus, label), params,
-                                   str(flow_run.id or ""), tags={tracking.TAG_CORPUS: corpus, tracking.TAG_RECIPE: label})
+    label = Path(recipe or preset or "tiny").stem
+    corpus_name = Path(corpus).stem if corpus.endswith((".yaml", ".yml")) else corpus
+    parent = tracking.pipeline_run(experiment, tracking.run_name("pipeline", corpus_name, label), params,
+                                   str(flow_run.id or ""), tags={tracking.TAG_CORPUS: corpus_name,
+                                                                 tracking.TAG_RECIPE: label})
     metrics: dict[str, float | None] = {}
     rows: list[tuple[str, str]] = []
     ckpt = ft_model = data_dir = None

@@ -112,7 +112,10 @@ class _NoRunLogs:
     terminal: the command says what happened in one line, the Prefect UI keeps the full log."""
 
     def filter(self, record) -> bool:
-        return not record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return False
+        # the event/log workers draining at the end of a command (_flush_events) is expected
+        return not (record.name.endswith("Worker") and str(record.msg).startswith("Still processing items"))
 
 
 def quiet_console() -> None:

@@ -15,12 +15,14 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llmforge.config import Config, deep_merge, read_yaml
 from llmforge.errors import ConfigError, NotFound, did_you_mean
 from llmforge.pipeline.clean import CleanConfig
 from llmforge.pipeline.download import SourceSpec
+from llmforge.pipeline.neardup import NearDupConfig
+from llmforge.pipeline.readers import ReadLimits
 from llmforge.pipeline.tokenize import TokenizeConfig
 from llmforge.pipeline.tokenizer import TokenizerConfig
 
@@ -31,6 +33,8 @@ CONFIG_DIR = REPO_ROOT / "configs"
 class SplitConfig(Config):
 
     val_fraction: float = Field(0.005, ge=0, lt=1, description="share of documents in the val split")
+    min_val_documents: int = Field(4, ge=1, description="the val split takes at least this many documents "
+                                   "(a corpus with too few for that is refused)")
     part_bytes: int = Field(64_000_000, gt=0, description="text bytes per cleaned part (= per shard)")
 
 
@@ -42,11 +46,24 @@ class CorpusSpec(Config):
     format: str | None = Field(None, description="reader format for sources that don't set one (default: detect)")
     text_key: str = Field("text", description="JSON key / parquet column holding the text")
     max_documents: int | None = Field(None, gt=0, description="stop after this many input documents (for quick runs)")
-    clean: CleanConfig = Field(default_factory=CleanConfig)
+    read: ReadLimits = Field(default_factory=ReadLimits, description="size caps that bound reading hostile input")
+    clean: CleanConfig = Field(
+        default_factory=CleanConfig,
+        description="cleaning rules: a profile name (web, books, code, none) or a mapping with "
+        "`profile:` and field overrides",
+    )
+    neardup: NearDupConfig = Field(default_factory=NearDupConfig,
+                                   description="near-duplicate removal (MinHash LSH), off unless enabled")
     split: SplitConfig = Field(default_factory=SplitConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     notes: dict[str, Any] = Field(default_factory=dict, description="free-form facts (sizes, licences, mirrors)")
+
+    @field_validator("clean", mode="before")
+    @classmethod
+    def _clean_profile_name(cls, v: Any) -> Any:
+        """``clean: books`` is short for ``clean: {profile: books}``."""
+        return {"profile": v} if isinstance(v, str) else v
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

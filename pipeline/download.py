@@ -30,6 +30,7 @@ import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 from llmforge.config import Config
 from llmforge.errors import DataError, NotFound
 from llmforge.pipeline.fsutil import atomic_write_json, read_json, sha256_file
+from llmforge.pipeline.readers import SkippedEntry, walk_regular_files
 from llmforge.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,11 @@ class SourceSpec(Config):
     text_key: str | None = Field(default=None, description="JSON field holding the text")
     separator: str | None = Field(
         default=None, description="plain-text sources: a line holding only this separates documents"
+    )
+    follow_symlinks: bool = Field(
+        default=False,
+        description="directory sources: read symlinked files and directories (wherever they point); by "
+        "default links are skipped and counted, like FIFOs, sockets and devices, which are never read",
     )
 
     @field_validator("url")
@@ -391,28 +398,44 @@ def _attempt(session: requests.Session, src: SourceSpec, part: _PartFile, bar: t
         return offset
 
 
-def select_files(path: Path, include: list[str], exclude: list[str]) -> list[tuple[str, int, int]]:
-    """``(relative path, size, mtime_ns)`` of the files a directory source selects, sorted;
-    subtrees that an exclude pattern covers are not walked, nor symlinked directories."""
-    out = []
-    for root, dirs, files in os.walk(path):
-        rel_root = Path(root).relative_to(path).as_posix()
-        prefix = "" if rel_root == "." else rel_root + "/"
-        dirs[:] = [d for d in dirs if not any(fnmatch.fnmatch(f"{prefix}{d}/_", p) for p in exclude)]
-        for fn in files:
-            rel = prefix + fn
-            if include and not any(fnmatch.fnmatch(rel, p) for p in include):
-                continue
-            if any(fnmatch.fnmatch(rel, p) for p in exclude):
-                continue
-            full = Path(root) / fn
-            with contextlib.suppress(FileNotFoundError):
-                if not full.is_file():  # symlinked files are read; symlinked dirs are not walked
-                    continue
-                st = full.stat()
-                out.append((rel, st.st_size, st.st_mtime_ns))
-    out.sort()
-    return out
+@dataclass
+class DirectoryScan:
+    """What a directory source selects: ``files`` as ``(relative path, size, mtime_ns)``, sorted
+    (the shape :func:`select_files` returns), and the ``skipped`` entries (links, FIFOs,
+    sockets, devices) that would have been selected but are refused, to be named and counted
+    (``ReadStats.record_skipped(root, scan.skipped)``)."""
+
+    files: list[tuple[str, int, int]] = field(default_factory=list)
+    skipped: list[SkippedEntry] = field(default_factory=list)
+
+
+def scan_directory(path: Path, include: list[str], exclude: list[str], *,
+                   follow_symlinks: bool = False) -> DirectoryScan:
+    """The files a directory source selects and the entries it refuses.
+
+    Regular files only: a symlink (to a file or a directory) is refused unless
+    ``follow_symlinks``, and FIFOs, sockets and devices always are; nothing is opened while
+    walking. Subtrees that an exclude pattern covers are not walked.
+    """
+
+    def keep_dir(rel: str) -> bool:
+        return not any(fnmatch.fnmatch(f"{rel}/_", p) for p in exclude)
+
+    def keep_file(rel: str) -> bool:
+        if include and not any(fnmatch.fnmatch(rel, p) for p in include):
+            return False
+        return not any(fnmatch.fnmatch(rel, p) for p in exclude)
+
+    found, skipped = walk_regular_files(Path(path), keep_file=keep_file, keep_dir=keep_dir,
+                                        follow_symlinks=follow_symlinks)
+    return DirectoryScan([(rel, st.st_size, st.st_mtime_ns) for rel, st in found], skipped)
+
+
+def select_files(path: Path, include: list[str], exclude: list[str], *,
+                 follow_symlinks: bool = False) -> list[tuple[str, int, int]]:
+    """``(relative path, size, mtime_ns)`` of the regular files a directory source selects,
+    sorted; see :func:`scan_directory` for what is refused and how to report it."""
+    return scan_directory(path, include, exclude, follow_symlinks=follow_symlinks).files
 
 
 def _fetch_local(src: SourceSpec, dest_dir: Path) -> dict:
@@ -420,7 +443,9 @@ def _fetch_local(src: SourceSpec, dest_dir: Path) -> dict:
     if not path.exists():
         raise DownloadError(f"{path}: local source does not exist (url {src.url})")
     if path.is_dir():
-        total = sum(f[1] for f in select_files(path, src.include, src.exclude))
+        # entries it refuses are named and counted by the clean stage (once), not on every check
+        scan = scan_directory(path, src.include, src.exclude, follow_symlinks=src.follow_symlinks)
+        total = sum(f[1] for f in scan.files)
         if src.size is not None and total != src.size:
             raise DownloadError(f"{path}: size mismatch: expected {src.size} bytes, got {total}")
         return _entry(src, path, total, None, skipped=True)

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,9 +36,10 @@ from llmforge.config import Config
 from llmforge.errors import DataError
 from llmforge.pipeline.clean import CleanConfig, clean_document
 from llmforge.pipeline.config import CorpusSpec, SplitConfig
-from llmforge.pipeline.download import select_files
+from llmforge.pipeline.download import scan_directory
+from llmforge.pipeline.neardup import NearDupConfig, find_near_duplicates
 from llmforge.pipeline.fsutil import FORMAT_VERSION, atomic_path, atomic_write_json, clean_temp, read_json, serial_map
-from llmforge.pipeline.readers import ReadStats, iter_documents
+from llmforge.pipeline.readers import ReadLimits, ReadStats, SkippedEntry, iter_documents
 from llmforge.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,12 @@ class NoUsableDocuments(DataError):
 
 
 class CleanStageConfig(Config):
-    """What decides the cleaned text: the cleaning rules and the split."""
+    """What decides the cleaned text: the reading caps, the cleaning rules, near-duplicate
+    removal and the split."""
 
+    read: ReadLimits = Field(default_factory=ReadLimits)
     clean: CleanConfig = Field(default_factory=CleanConfig)
+    neardup: NearDupConfig = Field(default_factory=NearDupConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
 
 
@@ -70,12 +75,13 @@ class CleanStage(Stage):
 
     def __init__(self, spec: CorpusSpec, downloads: list[dict], root: str | os.PathLike):
         self.spec = spec
-        self.config = CleanStageConfig(clean=spec.clean, split=spec.split)
+        self.config = CleanStageConfig(read=spec.read, clean=spec.clean, neardup=spec.neardup, split=spec.split)
         self.units = plan_units(downloads, spec)
         self.root = Path(root)
 
     def inputs(self) -> Any:
-        return [(u["label"], u["format"], u["text_key"], u.get("separator"), u["files"]) for u in self.units]
+        return [(u["label"], u["format"], u["text_key"], u.get("separator"), u["files"], u.get("skipped", []))
+                for u in self.units]
 
     @property
     def out_dir(self) -> Path:
@@ -95,8 +101,8 @@ class CleanStage(Stage):
         can), then deduplicate, split and write the parts and the manifest."""
         clean_temp(self.out_dir / "units")
         (map_units or serial_map)(self.clean_unit, self.units)
-        return finalize(self.out_dir, self.units, self.spec.split, fp=self.key,
-                        config={"clean": self.spec.clean.model_dump(), "split": self.spec.split.model_dump()})
+        return finalize(self.out_dir, self.units, self.spec.split, fp=self.key, neardup=self.spec.neardup,
+                        config=self.config.model_dump(mode="json"))
 
     def texts(self, manifest: dict, split: str = "train") -> Iterator[str]:
         return iter_texts(self.out_dir, manifest, split)
@@ -120,7 +126,9 @@ def plan_units(downloads: list[dict], spec: CorpusSpec) -> list[dict]:
         text_key = src.text_key or spec.text_key
         extra = {"text_key": text_key, "separator": src.separator}
         if path.is_dir():
-            files = select_files(path, src.include, src.exclude)
+            scan = scan_directory(path, src.include, src.exclude, follow_symlinks=src.follow_symlinks)
+            files = scan.files
+            first = len(units)
             group: list = []
             size = 0
             for f in files:
@@ -129,8 +137,9 @@ def plan_units(downloads: list[dict], spec: CorpusSpec) -> list[dict]:
                 if size >= UNIT_BYTES:
                     units.append({"root": str(path), "files": group, "format": None, "label": label, **extra})
                     group, size = [], 0
-            if group:
+            if group or len(units) == first:
                 units.append({"root": str(path), "files": group, "format": None, "label": label, **extra})
+            units[first]["skipped"] = [asdict(e) for e in scan.skipped]  # named once, by the first unit
         else:
             st = path.stat()
             ident = dl.get("sha256") or st.st_mtime_ns
@@ -139,6 +148,7 @@ def plan_units(downloads: list[dict], spec: CorpusSpec) -> list[dict]:
     for i, u in enumerate(units):
         u["name"] = f"unit-{i:05d}"
         u["bytes"] = sum(f[1] for f in u["files"])
+        u["read"] = spec.read.model_dump()
     return units
 
 
@@ -149,11 +159,13 @@ def _hashes(text: str) -> tuple[int, int]:
 
 def _unit_documents(unit: dict, stats: ReadStats) -> Iterator:
     root = Path(unit["root"])
+    limits = ReadLimits(**unit["read"]) if unit.get("read") else None
+    stats.record_skipped(root, [SkippedEntry(**e) for e in unit.get("skipped", [])])
     for rel, _size, _ident in unit["files"]:
         path = root / rel
         label = f"{unit['label']}/{rel}" if len(unit["files"]) > 1 or rel != unit["label"] else unit["label"]
         yield from iter_documents(path, unit["format"], text_key=unit["text_key"], label=label, stats=stats,
-                                  separator=unit["separator"])
+                                  separator=unit["separator"], limits=limits)
 
 
 def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict:
@@ -251,9 +263,17 @@ class _PartWriter:
         }
 
 
+def _texts_in_order(paths: list[Path]) -> Iterator[str]:
+    for p in paths:
+        pf = pq.ParquetFile(p)
+        for rg in range(pf.num_row_groups):
+            yield from pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+
+
 def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, *, fp: str,
-             config: dict | None = None) -> dict:
-    """Pass 2: dedup, split, repack; write the stage manifest. Idempotent."""
+             neardup: NearDupConfig | None = None, config: dict | None = None) -> dict:
+    """Pass 2: dedup (exact, then near-duplicates if enabled), split, repack; write the stage
+    manifest. Idempotent."""
     out_dir = Path(out_dir)
     t0 = time.time()
     unit_dir = out_dir / "units"
@@ -266,20 +286,27 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
         read_errors.update(st["read_errors"])
         errors.extend(st["errors"])
     paths = [unit_dir / f"{u['name']}.parquet" for u in units]
-    hashes = [pq.read_table(p, columns=["h"]).column("h").to_numpy() for p in paths]
-    all_h = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+    cols = [pq.read_table(p, columns=["h", "s"]) for p in paths]
+    all_h = np.concatenate([c.column("h").to_numpy() for c in cols]) if cols else np.zeros(0, dtype=np.uint64)
+    all_s = np.concatenate([c.column("s").to_numpy() for c in cols]) if cols else np.zeros(0, dtype=np.uint64)
     keep = np.zeros(len(all_h), dtype=bool)
     if len(all_h):
         _, first = np.unique(all_h, return_index=True)
         keep[first] = True
     dups = int(len(all_h) - keep.sum())
+    near = 0
+    if neardup is not None and neardup.enabled and keep.any():
+        kept = (t for i, t in enumerate(_texts_in_order(paths)) if keep[i])
+        drop = find_near_duplicates(zip(np.flatnonzero(keep).tolist(), kept), neardup, counts)
+        keep[list(drop)] = False
+        near = len(drop)
     if len(all_h) == 0 or keep.sum() == 0:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted((counts + read_errors).items()) if k.startswith(("read_error.", "dropped.", "decode.")))
         raise NoUsableDocuments(
             f"extract+clean: no usable document remains out of {counts.get('docs_in', 0)} read "
             f"({reasons or 'no documents found in the sources'})"
         )
-    threshold = np.uint64(min(int(split.val_fraction * 2**64), 2**64 - 1))  # val_fraction < 1 by config
+    threshold = _val_threshold(all_s[keep], split)
     writers = {"train": _PartWriter(out_dir / "train", split.part_bytes),
                "val": _PartWriter(out_dir / "val", split.part_bytes)}
     for d in ("train", "val"):
@@ -305,6 +332,8 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
             if extra.name not in names:
                 extra.unlink()
     counts["dropped.duplicate"] = dups
+    if near:
+        counts["dropped.near_duplicate"] = near
     manifest = {
         "fingerprint": fp,
         "format_version": FORMAT_VERSION,
@@ -325,6 +354,22 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def _val_threshold(s: np.ndarray, split: SplitConfig) -> np.uint64:
+    """Documents whose split hash is below the threshold go to val: ``val_fraction`` of them, but
+    at least ``min_val_documents`` (the ones with the smallest hashes, so still deterministic),
+    and never all of them. A corpus too small for that is an error now, not "val loss nan" later."""
+    want = np.uint64(min(int(split.val_fraction * 2**64), 2**64 - 1))  # val_fraction < 1 by config
+    n_val = int((s < want).sum())
+    if split.val_fraction > 0 and n_val < split.min_val_documents:
+        if len(s) <= split.min_val_documents:
+            raise DataError(
+                f"extract+clean: only {len(s)} document(s) survive cleaning, too few for a val split of at least "
+                f"{split.min_val_documents} plus training data; add text, or lower split.min_val_documents "
+                f"(or set split.val_fraction: 0 for no val split)")
+        return np.sort(s)[split.min_val_documents - 1] + np.uint64(1)
+    return want
 
 
 def load_manifest(clean_dir: str | os.PathLike) -> dict | None:

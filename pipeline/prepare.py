@@ -82,18 +82,13 @@ def clean_warnings(manifest: dict[str, Any], manifest_path: Path) -> list[str]:
     tally = WarningTally()
     for err in manifest.get("errors", []):
         where, _, what = err.rpartition(": ")
-        tally.add(what or err, Path(where).name if where else "")
+        tally.add(what or err, "/".join(Path(where).parts[-3:]) if where else "")
     lines = [f"skipped input: {line}" for line in tally.lines()]
     if lines:
         lines.append(f"every skipped input is listed in {manifest_path}")
-    stats = manifest.get("stats", {})
-    docs_in = stats.get("docs_in", 0)
-    counts = stats.get("counts", {})
-    for reason, n in sorted(counts.items()):
-        if reason.startswith("dropped.") and docs_in and n / docs_in > 0.10 and reason != "dropped.duplicate":
-            lines.append(f"cleaning rule {reason[8:]!r} dropped {n} of {docs_in} documents ({100 * n / docs_in:.0f}%); "
-                         f"check the corpus spec's clean: settings")
-    return lines
+    from llmforge.pipeline.clean import byte_drop_warnings
+
+    return lines + byte_drop_warnings(manifest.get("stats", {}).get("counts", {}), threshold=0.10)
 
 
 def dataset_line(ds_dir: Path) -> str:

@@ -26,6 +26,16 @@ is counted in :class:`ReadStats` under a ``read_error.*`` key and logged as a WA
 the file (and member or line) and the problem. A truncated compressed stream yields every
 complete document before the cut. Tar members are only ever read through ``extractfile``;
 links, devices and names that are absolute or contain ``..`` are skipped and counted.
+
+Hostile input cannot take unbounded memory or time (:class:`ReadLimits`): a document (a jsonl
+line, a text file or tar member, a separated piece, a parquet value) longer than
+``max_document_bytes`` is skipped and counted as ``read_error.too_long`` while reading goes on
+with the next line or member; every decompression layer stops at ``max_expansion_ratio`` times
+its compressed size (never below ``ratio_floor_bytes``) or ``max_decompressed_bytes``, counted as
+``read_error.decompression_limit``, and the rest of that file or member is skipped. Directory
+walks read regular files only: symlinks, FIFOs, sockets and devices are skipped, named and
+counted (``read_error.symlink`` / ``read_error.special_file``) and never opened, unless
+``follow_symlinks`` is set, which follows links to regular files and directories.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import json
 import logging
 import lzma
 import os
+import stat
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +56,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable, Iterator
 
 import zstandard
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +86,67 @@ _TEXT_SUFFIXES = {
 }
 
 
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class ReadLimits(BaseModel):
+    """Hard caps that keep a hostile or broken file from taking unbounded memory or time.
+
+    Defaults never trip on the corpora we know: the largest real documents are books of a few
+    MB; real text compresses 2.5-5x (Gutenberg jsonl.zst 3.9x, xz'd web text ~4x, The Pile's
+    jsonl.zst ~3.3x) and the largest single compressed files (The Pile shards) inflate to ~45 GB.
+    Bombs of zeros compress 230-1000x (gzip), ~7000x (xz), ~30000x (zstd), ~150000x (bzip2).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_document_bytes: int = Field(
+        64 * MiB, gt=0,
+        description="a jsonl line, text file, tar member, separated piece or parquet value (characters) "
+        "longer than this is skipped and counted as read_error.too_long; reading goes on with the next",
+    )
+    max_expansion_ratio: float | None = Field(
+        100.0, gt=1,
+        description="a compressed file or member may inflate to at most this many times its compressed "
+        "size (real text: 2.5-5x); beyond it the rest of that file is skipped (read_error.decompression_limit)",
+    )
+    ratio_floor_bytes: int = Field(
+        256 * MiB, ge=0,
+        description="the ratio limit never trips below this many decompressed bytes, so small files of "
+        "very repetitive text are never flagged",
+    )
+    max_decompressed_bytes: int | None = Field(
+        128 * GiB, gt=0,
+        description="absolute cap on the decompressed bytes of one compressed file or member, whatever "
+        "its size (The Pile's 14 GB jsonl.zst shards inflate to ~45 GB)",
+    )
+
+    def decompressed_cap(self, compressed_size: int | None) -> int | None:
+        """How many bytes a compressed layer of ``compressed_size`` bytes may inflate to."""
+        caps = []
+        if self.max_expansion_ratio is not None and compressed_size is not None:
+            caps.append(max(int(self.max_expansion_ratio * compressed_size), self.ratio_floor_bytes))
+        if self.max_decompressed_bytes is not None:
+            caps.append(self.max_decompressed_bytes)
+        return min(caps) if caps else None
+
+
+class LimitExceeded(Exception):
+    """A size limit of :class:`ReadLimits` was hit; the message names the limit and the setting."""
+
+
+class _TooLong(LimitExceeded):
+    """A single piece (a tar metadata header) is over ``max_document_bytes``."""
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 @dataclass(frozen=True)
 class RawDoc:
     """A document as read: ``bytes`` from text files and tar members (decoding is the cleaner's
@@ -99,20 +172,27 @@ class ReadStats:
 
     def error(self, path: str | os.PathLike, problem: str, count_key: str) -> None:
         """Count ``count_key`` and record/log ``"<path>: <problem>"`` (the first ``max_errors``
-        at WARNING, the rest at DEBUG so a badly broken corpus cannot flood the log)."""
+        at INFO, the rest at DEBUG so a badly broken corpus cannot flood the log). INFO, not
+        WARNING: the stage that reads prints them once, grouped by kind with their counts, and
+        lists every one in its manifest."""
         self.counts[count_key] += 1
         msg = f"{os.fspath(path)}: {problem}"
         if len(self.errors) < self.max_errors:
             self.errors.append(msg)
-            log.warning("%s", msg)
+            log.info("%s", msg)
             if len(self.errors) == self.max_errors:
-                log.warning("further read errors are counted but not logged")
+                log.info("further read errors are counted but not logged")
         else:
             log.debug("%s", msg)
 
     @property
     def n_errors(self) -> int:
         return sum(v for k, v in self.counts.items() if k.startswith("read_error."))
+
+    def record_skipped(self, root: str | os.PathLike, entries: Iterable["SkippedEntry"]) -> None:
+        """Count and log the directory entries a walk refused (:func:`walk_regular_files`)."""
+        for e in entries:
+            self.error(os.path.join(root, e.rel), e.problem, e.key)
 
     def update(self, other: "ReadStats") -> None:
         """Add another worker's stats into this one."""
@@ -232,7 +312,8 @@ def _tar_flavor(path: Path) -> str:
             comp = comp or _magic_compression(f.read(16))
             f.seek(0)
             stream = _decompressor(f, comp) if comp else f
-            with tarfile.open(fileobj=stream, mode="r|") as tf:
+            tarinfo = _capped_tarinfo(ReadLimits().max_document_bytes)
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=tarinfo) as tf:
                 for m in tf:
                     if m.isfile():
                         _, member_comp = _split_compression(m.name)
@@ -269,12 +350,17 @@ class _Guarded(io.RawIOBase):
 
     Reads with ``read1`` where available (one decompression step at a time), so data decoded
     before a truncation point is handed out before the error surfaces, not lost with it.
+    With a ``cap`` (a decompressed layer), reading more than ``cap`` bytes fails with
+    :class:`LimitExceeded`, which is what stops a decompression bomb.
     """
 
-    def __init__(self, inner: BinaryIO, owner: _Src):
+    def __init__(self, inner: BinaryIO, owner: _Src, cap: int | None = None, compressed_size: int | None = None):
         self._inner = inner
         self._owner = owner
         self._read1 = getattr(inner, "read1", None)
+        self._cap = cap
+        self._compressed_size = compressed_size
+        self._total = 0
 
     def readable(self) -> bool:
         return True
@@ -285,12 +371,24 @@ class _Guarded(io.RawIOBase):
                 data = self._read1(len(b))
                 n = len(data)
                 b[:n] = data
-                return n
-            return self._inner.readinto(b)  # type: ignore[attr-defined]
+            else:
+                n = self._inner.readinto(b)  # type: ignore[attr-defined]
         except _SourceError:
             raise
         except Exception as e:  # noqa: BLE001 - every decoder has its own error types
             raise _SourceError(self._owner, e) from e
+        self._total += n
+        if self._cap is not None and self._total > self._cap:
+            raise _SourceError(self._owner, self._limit_error())
+        return n
+
+    def _limit_error(self) -> LimitExceeded:
+        size = self._compressed_size
+        of = f" from {_human(size)} compressed" if size is not None else ""
+        return LimitExceeded(
+            f"decompressed past {_human(self._cap)}{of} (read.max_expansion_ratio / read.max_decompressed_bytes): "
+            "looks like a decompression bomb; skipped the rest of it"
+        )
 
 
 class _ZstdFrames(io.RawIOBase):
@@ -392,14 +490,14 @@ def _decompressor(src: BinaryIO, comp: str) -> BinaryIO:
 
 
 def _open_layer(
-    raw: BinaryIO, raw_owner: _Src, name: str, owner: _Src, size_hint: int | None = None
+    raw: BinaryIO, raw_owner: _Src, name: str, owner: _Src, size_hint: int | None, limits: ReadLimits
 ) -> tuple[io.BufferedReader, str, bool]:
     """Decompress ``raw`` (by the name's suffix, else by magic bytes).
 
     Errors reading ``raw`` are charged to ``raw_owner`` (the file, or the archive holding this
     member); errors decoding it to ``owner``. Returns (stream, name without the compression
-    suffix, whether it was compressed). ``size_hint`` (a tar member's size) keeps the read
-    buffer of small members small.
+    suffix, whether it was compressed). ``size_hint`` (the file's or tar member's size) keeps
+    the read buffer of small members small and sets the decompression cap of ``limits``.
     """
     bufsize = _BUF if size_hint is None else max(4096, min(_BUF, size_hint + 1))
     src = io.BufferedReader(_Guarded(raw, raw_owner), bufsize)
@@ -408,7 +506,8 @@ def _open_layer(
         comp = _magic_compression(src.peek(16)[:16])
     if comp is None:
         return src, base, False
-    return io.BufferedReader(_Guarded(_decompressor(src, comp), owner), _BUF), base, True
+    cap = limits.decompressed_cap(size_hint)
+    return io.BufferedReader(_Guarded(_decompressor(src, comp), owner, cap, size_hint), _BUF), base, True
 
 
 def _looks_binary(head: bytes) -> bool:
@@ -431,6 +530,28 @@ def _looks_binary(head: bytes) -> bool:
 
 
 _TEXTISH = bytes(range(32, 256)) + b"\t\n\r\f\b\x1b"
+
+
+_TAR_META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                   tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
+def _capped_tarinfo(max_bytes: int) -> type[tarfile.TarInfo]:
+    """A TarInfo class that refuses pax / GNU long-name headers over ``max_bytes``.
+
+    tarfile reads such a header's whole payload into memory before it yields the member it
+    describes, so a tar header claiming a 10 GB pax record of zeros is a memory bomb that no
+    per-member check can catch. ``tarinfo=`` is tarfile's public hook for the header class.
+    """
+
+    class _CappedTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tf):  # type: ignore[override]
+            if self.type in _TAR_META_TYPES and self.size > max_bytes:
+                raise _TooLong(f"tar metadata header of {_human(self.size)} (type {self.type!r}) exceeds "
+                               f"read.max_document_bytes ({_human(max_bytes)}); skipped the rest of the archive")
+            return super()._proc_member(tf)
+
+    return _CappedTarInfo
 
 
 def _unsafe_member_reason(m: tarfile.TarInfo) -> str | None:
@@ -463,6 +584,10 @@ def _clean_name(name: str) -> str:
 
 def _classify(cause: BaseException) -> tuple[str, str]:
     """(counter key, problem text) for a read failure."""
+    if isinstance(cause, _TooLong):
+        return "read_error.too_long", str(cause)
+    if isinstance(cause, LimitExceeded):
+        return "read_error.decompression_limit", str(cause)
     text = str(cause) or type(cause).__name__
     low = text.lower()
     if isinstance(cause, EOFError) or "unexpected end" in low or "ended" in low or "truncated" in low:
@@ -475,10 +600,14 @@ def _classify(cause: BaseException) -> tuple[str, str]:
 
 
 class _Reader:
-    def __init__(self, stats: ReadStats, text_key: str, separator: str | None = None):
+    def __init__(self, stats: ReadStats, text_key: str, separator: str | None = None,
+                 limits: ReadLimits | None = None, follow_symlinks: bool = False):
         self.stats = stats
         self.text_key = text_key
         self.separator = separator.encode("utf-8") if separator else None
+        self.limits = limits or ReadLimits()
+        self.max_doc = self.limits.max_document_bytes
+        self.follow_symlinks = follow_symlinks
 
     def _fail(self, src: _Src | str, cause: BaseException) -> None:
         key, problem = _classify(cause)
@@ -489,6 +618,10 @@ class _Reader:
         self.stats.counts["bytes"] += len(data)
         return RawDoc(doc_id, data)
 
+    def _too_long(self, where: str, what: str) -> None:
+        self.stats.error(where, f"{what} is longer than read.max_document_bytes ({_human(self.max_doc)}); "
+                         "skipped", "read_error.too_long")
+
     # -- files --------------------------------------------------------------------------------
 
     def file(self, path: Path, fmt: str, base: str, text_id: str, nested: bool) -> Iterator[RawDoc]:
@@ -498,12 +631,19 @@ class _Reader:
             yield from self.parquet(path, src, base)
             return
         try:
-            raw = open(path, "rb", buffering=0)
+            # O_NONBLOCK: should a FIFO appear here after the walk checked the path, opening it
+            # must not hang the worker; fstat below then refuses it.
+            raw = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb", buffering=0)
         except OSError as e:
             self.stats.error(path, f"unreadable ({e.strerror or e})", "read_error.unreadable")
             return
         with raw:
-            yield from self.stream(raw, src, src, path.name, fmt, base, text_id, nested)
+            st = os.fstat(raw.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                self.stats.error(path, f"not a regular file ({_special_kind(st.st_mode)}); skipped",
+                                 "read_error.special_file")
+                return
+            yield from self.stream(raw, src, src, path.name, fmt, base, text_id, nested, st.st_size)
 
     def stream(
         self,
@@ -524,7 +664,7 @@ class _Reader:
         another archive), so every id reads as ``label:path/inside/the/source``.
         """
         try:
-            stream, base_name, compressed = _open_layer(raw, raw_owner, name, owner, size_hint)
+            stream, base_name, compressed = _open_layer(raw, raw_owner, name, owner, size_hint, self.limits)
             if fmt is None:
                 fmt = self._member_format(stream, base_name, compressed)
             if fmt in _TAR_FORMATS:
@@ -571,12 +711,22 @@ class _Reader:
         return head
 
     def text(self, stream: BinaryIO, owner: _Src, doc_id: str) -> Iterator[RawDoc]:
-        """One file = one document, read whole (never split: a line-less 50 MB file is fine)."""
+        """One file = one document, read whole (never split: a line-less 50 MB file is fine)
+        unless it is longer than ``max_document_bytes``: then it is skipped, never truncated."""
         head = self._text_head(stream, owner)
         if head is None:
             return
-        rest = stream.read()
-        yield self._doc(doc_id, head + rest if rest else head)
+        chunks = [head]
+        size = len(head)
+        while size <= self.max_doc:
+            chunk = stream.read(min(_BUF, self.max_doc + 1 - size))
+            if not chunk:
+                yield self._doc(doc_id, b"".join(chunks) if len(chunks) > 1 else head)
+                return
+            chunks.append(chunk)
+            size += len(chunk)
+        del chunks
+        self._too_long(owner.name, "document")
 
     def separated_text(self, stream: BinaryIO, owner: _Src, base: str) -> Iterator[RawDoc]:
         """A text file holding many documents between separators (TinyStories' ``<|endoftext|>``).
@@ -594,11 +744,17 @@ class _Reader:
         n = 0
         scan = 0  # buf[:scan] holds no separator start
         eof = False
+        skipping = False  # the current piece is over the cap: drop its bytes until the next separator
         while True:
             i = buf.find(sep, scan)
             if i < 0:
                 if eof:
                     break
+                if len(buf) > self.max_doc and not skipping:
+                    skipping = True
+                    self._too_long(owner.name, f"document {n + 1}")
+                if skipping:  # keep only what could be the start of a separator cut by the chunk
+                    del buf[: max(0, len(buf) - len(sep) + 1)]
                 scan = max(0, len(buf) - len(sep) + 1)
                 chunk = stream.read(_BUF)
                 if chunk:
@@ -607,22 +763,50 @@ class _Reader:
                     eof = True
                 continue
             n += 1
-            piece = bytes(buf[:i]).strip()
+            piece = None if skipping or i > self.max_doc else bytes(buf[:i]).strip()
+            if piece is None and not skipping:
+                self._too_long(owner.name, f"document {n}")
+            skipping = False
             del buf[: i + len(sep)]
             scan = 0
             if piece:
                 yield self._doc(f"{base}:{n}", piece)
-            else:
+            elif piece is not None:
                 self.stats.counts["blank_documents"] += 1
+        if skipping:
+            return
+        if len(buf) > self.max_doc:
+            self._too_long(owner.name, f"document {n + 1}")
+            return
         piece = bytes(buf).strip()
         if piece:
             yield self._doc(f"{base}:{n + 1}", piece)
 
+    def _lines(self, stream: BinaryIO, owner: _Src) -> Iterator[tuple[int, bytes | None]]:
+        """(line number, line) of a stream, reading no line past ``max_document_bytes``: a longer
+        line is counted as too long, its bytes are passed over in bounded chunks, and it comes
+        out as ``(lineno, None)``."""
+        cap = self.max_doc
+        readline = stream.readline  # BufferedReader.readline: linear in line length
+        lineno = 0
+        while line := readline(cap + 1):
+            lineno += 1
+            if len(line) <= cap or line.endswith(b"\n"):
+                yield lineno, line
+                continue
+            del line
+            self._too_long(owner.name, f"line {lineno}")  # first: passing over it may hit a decompression cap
+            yield lineno, None
+            while (rest := readline(_BUF)) and not rest.endswith(b"\n"):
+                pass
+
     def jsonl(self, stream: BinaryIO, owner: _Src, base: str) -> Iterator[RawDoc]:
         key = self.text_key
         any_bytes = False
-        for lineno, line in enumerate(stream, 1):  # BufferedReader.readline: linear in line length
+        for lineno, line in self._lines(stream, owner):
             any_bytes = True
+            if line is None:  # too long: counted by _lines
+                continue
             if line.isspace():
                 self.stats.counts["blank_lines"] += 1
                 continue
@@ -653,7 +837,10 @@ class _Reader:
     def tar(self, stream: BinaryIO, owner: _Src, prefix: str) -> Iterator[RawDoc]:
         """Members in archive order, read through ``extractfile`` only; nested archives recurse."""
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|")
+            tf = tarfile.open(fileobj=stream, mode="r|", tarinfo=_capped_tarinfo(self.max_doc))
+        except _TooLong as e:
+            self._fail(owner, e)
+            return
         except tarfile.ReadError as e:
             if "empty" in str(e) or "end of file header" in str(e):
                 self.stats.error(owner.name, "empty archive", "read_error.empty_file")
@@ -687,7 +874,7 @@ class _Reader:
             if e.owner is not owner:
                 raise
             self._fail(owner, e.cause)
-        except tarfile.TarError as e:
+        except (tarfile.TarError, _TooLong) as e:
             self._fail(owner, e)
 
     def parquet(self, path: Path, src: _Src, base: str) -> Iterator[RawDoc]:
@@ -720,6 +907,8 @@ class _Reader:
                     for value in batch.column(0).to_pylist():
                         if value is None:
                             self.stats.error(src.name, f"row {row}: {key!r} is null", "read_error.missing_text_key")
+                        elif len(value) > self.max_doc:  # characters: a lower bound of its bytes
+                            self._too_long(src.name, f"row {row}")
                         else:
                             yield self._doc(f"{base}:{row}", value)
                         row += 1
@@ -728,7 +917,9 @@ class _Reader:
 
     def directory(self, root: Path, label: str, include: Iterable[str], exclude: Iterable[str]) -> Iterator[RawDoc]:
         include, exclude = list(include), list(exclude)
-        for rel in _walk(root, include, exclude):
+        rels, skipped = _walk(root, include, exclude, self.follow_symlinks)
+        self.stats.record_skipped(root, skipped)
+        for rel in rels:
             path = root / rel
             try:
                 fmt = detect_format(path)
@@ -743,26 +934,113 @@ def _matches(rel: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _walk(root: Path, include: list[str], exclude: list[str]) -> list[str]:
-    """Relative posix paths of the files under ``root`` in sorted order, hidden entries skipped.
+def _walk(root: Path, include: list[str], exclude: list[str], follow_symlinks: bool) -> tuple[list[str], list[SkippedEntry]]:
+    """Relative posix paths of the regular files under ``root`` in sorted order, hidden entries
+    skipped, plus the entries refused (links, FIFOs, devices, sockets).
 
     A pattern matches the relative path or the bare file name (``*.txt``, ``sub/*``)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):  # does not follow directory symlinks
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = Path(dirpath).relative_to(root).as_posix()
-        for fn in filenames:
-            if fn.startswith("."):
+
+    def keep_file(rel: str) -> bool:
+        if rel.rsplit("/", 1)[-1].startswith("."):
+            return False
+        return (not include or _matches(rel, include)) and not (exclude and _matches(rel, exclude))
+
+    files, skipped = walk_regular_files(root, keep_file=keep_file, follow_symlinks=follow_symlinks,
+                                        keep_dir=lambda rel: not rel.rsplit("/", 1)[-1].startswith("."))
+    return [rel for rel, _ in files], skipped
+
+
+@dataclass(frozen=True)
+class SkippedEntry:
+    """A directory entry a walk refused to read: ``rel`` (posix path under the root), the
+    counter ``key`` (``read_error.symlink`` / ``read_error.special_file`` /
+    ``read_error.unreadable``) and the ``problem`` in words."""
+
+    rel: str
+    key: str
+    problem: str
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file"
+    return "special file"
+
+
+def walk_regular_files(
+    root: Path,
+    *,
+    keep_file=lambda rel: True,
+    keep_dir=lambda rel: True,
+    follow_symlinks: bool = False,
+) -> tuple[list[tuple[str, os.stat_result]], list[SkippedEntry]]:
+    """The regular files under ``root`` as sorted ``(relative posix path, stat)``, and the
+    entries refused, also sorted.
+
+    Only regular files are ever returned, and nothing is opened while walking (``lstat`` only),
+    so a FIFO cannot block the walk. Symlinks are refused (a link inside a corpus directory can
+    point anywhere: ``passwd.txt -> /etc/passwd``) unless ``follow_symlinks``, which follows links
+    to regular files and directories wherever they point (the user opted in), never into a
+    directory already entered (no loops). FIFOs, sockets and devices are always refused.
+    ``keep_file(rel)`` / ``keep_dir(rel)`` select files and prune directories; entries they
+    reject are not reported.
+    """
+    files: list[tuple[str, os.stat_result]] = []
+    skipped: list[SkippedEntry] = []
+    top = os.stat(root)
+    entered = {(top.st_dev, top.st_ino)}
+    stack = [("", os.fspath(root))]
+    while stack:
+        prefix, directory = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError as e:
+            skipped.append(SkippedEntry(prefix.rstrip("/") or ".", "read_error.unreadable",
+                                        f"unreadable directory ({e.strerror or e}); skipped"))
+            continue
+        for entry in entries:
+            rel = prefix + entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+                link = stat.S_ISLNK(st.st_mode)
+                if link:
+                    target = os.readlink(entry.path)
+                    try:
+                        st = os.stat(entry.path)  # stat, not open: safe on a FIFO or device
+                    except OSError:
+                        if keep_file(rel):
+                            skipped.append(SkippedEntry(rel, "read_error.symlink", f"broken symlink to {target!r}; skipped"))
+                        continue
+            except FileNotFoundError:  # removed while walking
                 continue
-            rel = fn if rel_dir == "." else f"{rel_dir}/{fn}"
-            if include and not _matches(rel, include):
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if not (keep_dir(rel) if is_dir else keep_file(rel)):
                 continue
-            if exclude and _matches(rel, exclude):
-                continue
-            if os.path.isfile(os.path.join(dirpath, fn)):
-                out.append(rel)
-    out.sort()
-    return out
+            if link and not follow_symlinks:
+                what = "directory " if is_dir else ""
+                skipped.append(SkippedEntry(rel, "read_error.symlink", f"symlink to {what}{target!r}; not followed "
+                                            "(set follow_symlinks: true on the source to read links)"))
+            elif is_dir:
+                if (st.st_dev, st.st_ino) in entered:
+                    skipped.append(SkippedEntry(rel, "read_error.symlink", "link to a directory already walked "
+                                                "(a loop); skipped"))
+                else:
+                    entered.add((st.st_dev, st.st_ino))
+                    stack.append((rel + "/", entry.path))
+            elif stat.S_ISREG(st.st_mode):
+                files.append((rel, st))
+            else:
+                via = f" (via symlink to {target!r})" if link else ""
+                skipped.append(SkippedEntry(rel, "read_error.special_file",
+                                            f"{_special_kind(st.st_mode)}{via}, not a regular file; skipped"))
+    files.sort(key=lambda f: f[0])
+    skipped.sort(key=lambda e: e.rel)
+    return files, skipped
 
 
 def iter_documents(
@@ -774,6 +1052,8 @@ def iter_documents(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     separator: str | None = None,
+    limits: ReadLimits | None = None,
+    follow_symlinks: bool = False,
     stats: ReadStats,
 ) -> Iterator[RawDoc]:
     """Stream the documents of ``path`` (a file or directory) in a deterministic order.
@@ -782,7 +1062,9 @@ def iter_documents(
     text. ``label`` prefixes every id (default: the file or directory name). ``include`` /
     ``exclude`` are glob patterns for the files of a directory. ``separator`` (e.g.
     ``"<|endoftext|>"``) splits text files into many documents, ids ``label:1``, ``label:2``, ...
-    instead of one document per file. Problems are counted in
+    instead of one document per file. ``limits`` caps document and decompressed sizes (default:
+    :class:`ReadLimits`). ``follow_symlinks`` lets a directory walk follow links (default: links
+    and special files inside a directory are skipped and counted). Problems are counted in
     ``stats`` and never raised, except a ``path`` that does not exist (a configuration error).
     """
     path = Path(path)
@@ -790,9 +1072,13 @@ def iter_documents(
         raise FileNotFoundError(f"corpus path does not exist: {path}")
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # never open a FIFO or device: it may block
+        stats.error(path, f"not a regular file ({_special_kind(mode)}); skipped", "read_error.special_file")
+        return
     fmt = fmt or detect_format(path)
     label = label if label is not None else path.name
-    reader = _Reader(stats, text_key, separator)
+    reader = _Reader(stats, text_key, separator, limits, follow_symlinks)
     if fmt == "dir":
         yield from reader.directory(path, label, include, exclude)
     else:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from llmforge.pipeline.readers import RawDoc, ReadStats, detect_format, iter_documents
+from llmforge.pipeline.readers import RawDoc, ReadLimits, ReadStats, detect_format, iter_documents
 
 try:
     from support.corpora import (
@@ -396,6 +396,53 @@ def test_streams_a_50mb_document_without_newlines(tmp_path):
     assert errors(stats) == {}
 
 
+def test_document_over_the_cap_is_skipped_and_counted_in_every_format(tmp_path):
+    """The 50 MB document above passes the default cap (64 MiB); a smaller configured cap
+    skips longer documents, names them, and keeps reading the lines/members after them."""
+    short = sample_texts(2, seed=12)
+    long = "too long to keep " * 300  # 5,100 bytes
+    limits = ReadLimits(max_document_bytes=4000)
+    three = [short[0], long, short[1]]
+
+    jl = write_jsonl(tmp_path / "a.jsonl.gz", three, compression="gz")
+    d = tmp_path / "d"
+    write_text_dir(d, three)
+    tar = tmp_path / "t.tar.zst"
+    write_text_tar(tar, three)
+    sep = tmp_path / "s.txt"
+    sep.write_text("\n<|endoftext|>\n".join(three))
+    sep_last = tmp_path / "s2.txt"
+    sep_last.write_text("\n<|endoftext|>\n".join([short[0], long]))
+    pq_path = write_parquet(tmp_path / "p.parquet", three)
+    cases = [
+        (jl, {}, ["a.jsonl.gz:1", "a.jsonl.gz:3"], f"{jl}: line 2 is longer"),
+        (d, {}, ["d:000/00000.txt", "d:000/00002.txt"], f"{d / '000' / '00001.txt'}: document is longer"),
+        (tar, {}, ["t.tar.zst:docs/00000.txt", "t.tar.zst:docs/00002.txt"], f"{tar}:docs/00001.txt: document is longer"),
+        (sep, {"separator": "<|endoftext|>"}, ["s.txt:1", "s.txt:3"], f"{sep}: document 2 is longer"),
+        (sep_last, {"separator": "<|endoftext|>"}, ["s2.txt:1"], f"{sep_last}: document 2 is longer"),
+        (pq_path, {}, ["p.parquet:0", "p.parquet:2"], f"{pq_path}: row 1 is longer"),
+    ]
+    for path, kw, ids, message in cases:
+        out, stats = read(path, limits=limits, **kw)
+        assert [d.id for d in out] == ids, path
+        assert texts(out) == [short[0], short[1]][: len(ids)]
+        assert errors(stats) == {"read_error.too_long": 1}, path
+        assert stats.errors[0].startswith(message), stats.errors
+        assert "read.max_document_bytes (3.9 KiB)" in stats.errors[0]
+        assert read(path, **kw)[0][1].data in (long, long.encode(), long.strip().encode())  # default cap: kept
+
+
+def test_corpus_spec_has_a_read_section_with_strict_keys(tmp_path):
+    from llmforge.pipeline.config import load_corpus
+
+    spec = load_corpus(None, sources=[str(tmp_path)], overrides={"read": {"max_document_bytes": 1000}})
+    assert spec.read == ReadLimits(max_document_bytes=1000)
+    assert load_corpus("quickstart").read == ReadLimits()
+    with pytest.raises(ValueError, match="max_document_byte"):
+        load_corpus(None, sources=[str(tmp_path)], overrides={"read": {"max_document_byte": 1000}})
+    assert all(f.description for f in ReadLimits.model_fields.values())
+
+
 def test_streams_large_inputs_in_bounded_memory(tmp_path):
     docs = sample_texts(200, seed=9)
     jl = tmp_path / "big.jsonl.zst"
@@ -532,11 +579,11 @@ def test_missing_path_is_a_configuration_error(tmp_path):
 def test_read_errors_are_logged_and_bounded(tmp_path, caplog):
     path = tmp_path / "bad.jsonl"
     path.write_text("{oops\n" * 250)
-    with caplog.at_level(logging.WARNING, logger="llmforge.pipeline.readers"):
+    with caplog.at_level(logging.INFO, logger="llmforge.pipeline.readers"):
         out, stats = read(path)
     assert out == [] and stats.counts["read_error.bad_json"] == 250
     assert len(stats.errors) == 100 and stats.n_errors == 250
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert warnings[0] == f"{path}: line 1: not valid JSON (Expecting property name enclosed in double quotes at column 2)"
     assert len(warnings) == 101  # 100 errors + one "further errors are not logged"
 
