@@ -113,6 +113,17 @@ def experiment_id(experiment: str = EXPERIMENT, uri: str | None = None) -> str:
     return exp.experiment_id
 
 
+def ui_hint(experiment: str = EXPERIMENT) -> str:
+    """How to look at the runs: the command to start the UI and the page with the runs table
+    (MLflow 3.17's UI opens experiments on its GenAI view unless ?workflowType= says otherwise)."""
+    uri = tracking_uri()
+    exp = client(uri).get_experiment_by_name(experiment) if store_exists(uri) else None
+    page = f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" if exp else ""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/{page}"
+
+
 def run_name(stage: str, *parts: Any) -> str:
     """``"train · gutenberg · cpu-10min · 10m"``: what ran, on what, how big, for how long."""
     return " · ".join([stage, *(str(p) for p in parts if p not in (None, ""))])

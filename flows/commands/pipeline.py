@@ -83,5 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for k in ("val/loss", "val/bpb", "ft/val/bpb", "tokens_per_s"):
         if m.get(k) is not None:
             say(f"  {k}: {m[k]:.4f}")
-    say("  compare runs: llmforge runs   (or: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db)")
+    from llmforge import tracking
+
+    say(f"  compare runs: llmforge runs, or {tracking.ui_hint(args.experiment)}")
     return 0

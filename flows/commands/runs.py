@@ -53,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"no pipeline runs in experiment {args.experiment!r} at {uri}")
         return 0
     print(format_table(rows))
-    hint = f"; details: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else ""
-    print(f"\n{sum(r.stage == 'pipeline' for r in rows)} pipeline run(s) from {uri}{hint}")
+    print(f"\n{sum(r.stage == 'pipeline' for r in rows)} pipeline run(s) from {uri}; details: "
+          f"{tracking.ui_hint(args.experiment)}")
     return 0

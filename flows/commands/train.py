@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                                  init_from=args.init_from, experiment=args.experiment)
     if int(os.environ.get("RANK", "0")) == 0:
         _report(summary, stage)
-        say(f"  browse with: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+        say(f"  browse with: {tracking.ui_hint(args.experiment)}")
     return 0
 
 
