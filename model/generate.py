@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from llmforge.config import Config
 from llmforge.errors import CheckpointError
 from llmforge.model.checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint
-from llmforge.model.gpt import GPT, GPTConfig, KVCache
+from llmforge.model.gpt import GPT, GPTConfig, KVCache, apply_rotary
 from llmforge.model.runtime import resolve_device
 
 REFILL_FRACTION = 0.75  # share of block_size kept when a full KV cache is re-prefilled
@@ -179,6 +180,43 @@ class IncrementalDecoder:
         return delta
 
 
+class StopText:
+    """The text of a reply as it streams, cut at the first stop string: :meth:`push` returns what
+    is safe to send (text that could still turn out to begin a stop string is held back) and
+    whether a stop string has appeared; the stop string itself is never sent."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()) -> None:
+        self.decoder = IncrementalDecoder(decode)
+        self.stops = [s for s in stops if s]
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # how much of it went out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        return self._advance(self.decoder.push(token), final=False)
+
+    def flush(self) -> str:
+        return self._advance(self.decoder.flush(), final=True)
+
+    def _advance(self, delta: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+        self.text += delta
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            end = min(hits)
+        elif final:
+            end = len(self.text)
+        else:  # hold back the longest tail that is the beginning of a stop string
+            hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            end = len(self.text) - hold
+        out = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+
 def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the prefixes torch.compile (``_orig_mod.``) and DDP (``module.``) add to keys."""
     out = {}
@@ -222,3 +260,100 @@ def load_for_inference(checkpoint_path: str | os.PathLike, device: str | torch.d
     meta = {"path": str(path), "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
             "config": ckpt.get("config"), "lineage": ckpt.get("lineage"), "extra": ckpt.get("extra") or {}}
     return model, tok, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# the one loader of commands and the server
+
+
+MODEL_URI_PREFIXES = ("models:/", "runs:/")
+
+
+def is_model_uri(source: str | os.PathLike) -> bool:
+    return str(source).startswith(MODEL_URI_PREFIXES)
+
+
+def model_name(source: str | os.PathLike) -> str:
+    """What a model is called in an API (``/v1/models``): a registered model's name, else the
+    run directory of a checkpoint named like ours (``runs/finetune-lora-XXXX/model.pt`` ->
+    ``finetune-lora-XXXX``), else the file's stem."""
+    s = str(source)
+    if s.startswith("models:/"):
+        return s[len("models:/"):].split("/")[0].split("@")[0]
+    if s.startswith("runs:/"):
+        return s[len("runs:/"):].split("/")[0]
+    p = Path(s).resolve()
+    if p.is_dir():
+        return p.name
+    generic = p.name in ("best.pt", "model.pt") or p.name.startswith("ckpt-")
+    return p.parent.name if generic else p.stem
+
+
+def load_model(source: str | os.PathLike, device: str | torch.device = "auto"):
+    """The model behind ``source``, the one way ``generate``, ``chat`` and ``serve`` load one:
+
+    - ``models:/NAME/VERSION`` (or ``models:/NAME@alias``, ``runs:/RUN_ID/model``): a model in the
+      MLflow registry, downloaded through :mod:`llmforge.tracking` (cached), then loaded as a file;
+    - a checkpoint file or a run directory: :func:`load_for_inference`.
+
+    An export directory (safetensors + config.json) becomes one more branch here.
+    Returns ``(model, tokenizer, meta)``; ``meta`` adds ``name``, ``source`` and
+    ``chat_template`` (``None`` for a model that only continues text) to :func:`load_for_inference`'s.
+    """
+    if is_model_uri(source):
+        from llmforge import tracking
+
+        path = tracking.download_model(str(source))
+    else:
+        path = find_checkpoint(source)  # the file's kind, before anything is unpickled
+    model, tok, meta = load_for_inference(path, device)
+    meta.update(name=model_name(source), source=str(source), chat_template=meta["extra"].get("chat_template"))
+    return model, tok, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# several sequences per forward pass (the server's batched decoding)
+
+
+def cache_row(cache: KVCache, row: int) -> KVCache:
+    """A one-sequence view of row ``row`` of ``cache``: ``GPT.forward(..., kv_cache=view)`` (a
+    prefill) writes that row's keys and values in place and touches no other row."""
+    view = KVCache.__new__(KVCache)
+    view.k, view.v = cache.k[:, row:row + 1], cache.v[:, row:row + 1]
+    view.max_len, view.pos = cache.max_len, 0
+    return view
+
+
+@torch.no_grad()
+def forward_rows(model: GPT, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One decoding step for ``P`` independent sequences that share ``cache`` (``P`` rows), each at
+    its own position: token ``tokens[p]`` sits at position ``pos[p]`` of row ``p``; returns the
+    next-token logits ``[P, V]``.
+
+    This is ``GPT.forward``'s one-new-token path with a position per row (``GPT.forward``'s cache
+    has one position for the whole batch): rotary angles are gathered per row, the new key/value
+    is written at each row's own position, and attention masks each row's keys past its position.
+    Rows never mix: a row's numbers do not depend on the other rows' contents, only on ``P`` (the
+    matmul kernels' blocking depends on the row count, so callers keep ``P`` fixed)."""
+    cfg = model.config
+    P, C, H = tokens.size(0), cfg.n_embd, cfg.n_head
+    if int(pos.max()) >= cache.max_len:
+        raise ValueError(f"a position of {int(pos.max())} is past the cache's {cache.max_len}")
+    rows = torch.arange(P, device=tokens.device)
+    cos = model.rope_cos[pos][:, None, None, :]  # [P, 1, 1, D/2]: broadcast over heads and the one step
+    sin = model.rope_sin[pos][:, None, None, :]
+    visible = (torch.arange(cache.max_len, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
+    x = model.transformer.wte(tokens[:, None])  # [P, 1, C]
+    for layer, block in enumerate(model.transformer.h):
+        attn = block.attn
+        q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
+        q = apply_rotary(q.view(P, 1, H, C // H).transpose(1, 2), cos, sin)  # [P, H, 1, D]
+        k = apply_rotary(k.view(P, 1, H, C // H).transpose(1, 2), cos, sin)
+        v = v.view(P, 1, H, C // H).transpose(1, 2)
+        cache.k[layer, rows, :, pos] = k[:, :, 0].to(cache.k.dtype)
+        cache.v[layer, rows, :, pos] = v[:, :, 0].to(cache.v.dtype)
+        keys, values = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+        x = x + attn.c_proj(y.transpose(1, 2).reshape(P, 1, C))
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(model.transformer.ln_f(x))[:, 0]
