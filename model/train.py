@@ -632,10 +632,9 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                     mlrun.text(text, f"samples/step-{step:08d}.txt")
                 if png := tracking.plot_loss_curves(mlrun, out_dir / "loss_curve.png"):
                     mlrun.artifact(png, "plots")
-            if status == "completed" and cfg.log_checkpoints:
-                for key in ("checkpoint", "best_checkpoint"):
-                    if summary[key]:
-                        mlrun.artifact(summary[key], "checkpoints")
+            if status == "completed" and cfg.log_checkpoints and summary["checkpoint"]:
+                # one file: the final checkpoint (what evaluate and finetune take), weights only, as an MLflow model
+                summary["model_uri"] = mlrun.model(summary["checkpoint"])["model_uri"]
             mlrun.tags({tracking.TAG_STATUS: status, tracking.TAG_CHECKPOINT: summary["checkpoint"]})
             atomic_write_json(out_dir / SUMMARY_NAME, summary)
             mlrun.artifact(out_dir / SUMMARY_NAME)
