@@ -315,45 +315,51 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "auto"):
 # several sequences per forward pass (the server's batched decoding)
 
 
-def cache_row(cache: KVCache, row: int) -> KVCache:
-    """A one-sequence view of row ``row`` of ``cache``: ``GPT.forward(..., kv_cache=view)`` (a
-    prefill) writes that row's keys and values in place and touches no other row."""
-    view = KVCache.__new__(KVCache)
-    view.k, view.v = cache.k[:, row:row + 1], cache.v[:, row:row + 1]
-    view.max_len, view.pos = cache.max_len, 0
-    return view
+def _rows_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for ``x`` of ``[P, 1, in]`` as P separate one-row products (a batched matmul
+    over a broadcast weight). A ``[P, in]`` matmul would round each row differently depending on
+    P (matmul kernels block rows by the row count); one row at a time is exactly what
+    ``GPT.forward`` computes for a single sequence."""
+    wt = layer.weight.t().unsqueeze(0).expand(x.size(0), -1, -1)
+    if layer.bias is None:
+        return torch.bmm(x, wt)
+    return torch.baddbmm(layer.bias.expand(x.size(0), 1, -1), x, wt)
 
 
 @torch.no_grad()
-def forward_rows(model: GPT, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One decoding step for ``P`` independent sequences that share ``cache`` (``P`` rows), each at
-    its own position: token ``tokens[p]`` sits at position ``pos[p]`` of row ``p``; returns the
+def forward_rows(model: GPT, tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
+    """One decoding step for several sequences in one pass: sequence ``i`` feeds ``tokens[i]``
+    into its own one-sequence cache ``caches[i]`` (each at its own position); returns the
     next-token logits ``[P, V]``.
 
-    This is ``GPT.forward``'s one-new-token path with a position per row (``GPT.forward``'s cache
-    has one position for the whole batch): rotary angles are gathered per row, the new key/value
-    is written at each row's own position, and attention masks each row's keys past its position.
-    Rows never mix: a row's numbers do not depend on the other rows' contents, only on ``P`` (the
-    matmul kernels' blocking depends on the row count, so callers keep ``P`` fixed)."""
+    Row ``i`` is bit for bit what ``GPT.forward(tokens[i], kv_cache=caches[i])`` returns (its
+    one-new-token path): the projections run as one-row products batched together, attention
+    runs per sequence over exactly its cached keys. So a request's text never depends on which
+    or how many other requests share the step, and equals ``generate()``'s. What is shared is the
+    per-operation overhead, which is most of a small model's step on a CPU."""
     cfg = model.config
-    P, C, H = tokens.size(0), cfg.n_embd, cfg.n_head
-    if int(pos.max()) >= cache.max_len:
-        raise ValueError(f"a position of {int(pos.max())} is past the cache's {cache.max_len}")
-    rows = torch.arange(P, device=tokens.device)
-    cos = model.rope_cos[pos][:, None, None, :]  # [P, 1, 1, D/2]: broadcast over heads and the one step
+    P, C, H = len(tokens), cfg.n_embd, cfg.n_head
+    device = model.lm_head.weight.device
+    pos = torch.tensor([c.pos for c in caches], dtype=torch.long, device=device)
+    if int(pos.max()) >= cfg.block_size:
+        raise ValueError(f"a sequence reached block_size {cfg.block_size}; re-prefill it first")
+    cos = model.rope_cos[pos][:, None, None, :]  # [P, 1, 1, D/2]: each row its own angle
     sin = model.rope_sin[pos][:, None, None, :]
-    visible = (torch.arange(cache.max_len, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
-    x = model.transformer.wte(tokens[:, None])  # [P, 1, C]
+    x = model.transformer.drop(model.transformer.wte(torch.tensor(list(tokens), device=device)[:, None]))
     for layer, block in enumerate(model.transformer.h):
         attn = block.attn
-        q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
+        q, k, v = _rows_linear(attn.c_attn, block.ln_1(x)).split(C, dim=2)
         q = apply_rotary(q.view(P, 1, H, C // H).transpose(1, 2), cos, sin)  # [P, H, 1, D]
         k = apply_rotary(k.view(P, 1, H, C // H).transpose(1, 2), cos, sin)
         v = v.view(P, 1, H, C // H).transpose(1, 2)
-        cache.k[layer, rows, :, pos] = k[:, :, 0].to(cache.k.dtype)
-        cache.v[layer, rows, :, pos] = v[:, :, 0].to(cache.v.dtype)
-        keys, values = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
-        x = x + attn.c_proj(y.transpose(1, 2).reshape(P, 1, C))
-        x = x + block.mlp(block.ln_2(x))
-    return model.lm_head(model.transformer.ln_f(x))[:, 0]
+        ys = []
+        for i, cache in enumerate(caches):  # as CausalSelfAttention's one-new-token branch
+            keys, values = cache.update(layer, k[i:i + 1], v[i:i + 1])
+            ys.append(F.scaled_dot_product_attention(q[i:i + 1], keys.to(q.dtype), values.to(q.dtype)))
+        y = torch.cat(ys).transpose(1, 2).contiguous().view(P, 1, C)
+        x = x + attn.resid_dropout(_rows_linear(attn.c_proj, y))
+        mlp = block.mlp
+        x = x + mlp.dropout(_rows_linear(mlp.c_proj, F.gelu(_rows_linear(mlp.c_fc, block.ln_2(x)))))
+    for cache in caches:
+        cache.pos += 1
+    return _rows_linear(model.lm_head, model.transformer.ln_f(x))[:, 0]

@@ -1,20 +1,18 @@
 """An OpenAI-compatible HTTP server for one model: the decoding engine and the FastAPI app.
 
 **Engine.** One worker thread owns the model. Requests wait in a FIFO queue for one of ``slots``
-places; a request in a slot is prefilled alone (its prompt through ``GPT.forward``, exactly as
-:func:`model.generate.generate` does it), then decoded one token per step until EOS, a stop
-string, ``max_tokens`` or its client leaving. Two ways to decode the slots:
+places; a request in a slot is prefilled alone (its prompt through ``GPT.forward`` into its own
+KV cache, as :func:`model.generate.generate` does), then decoded one token per step until EOS, a
+stop string, ``max_tokens`` or its client leaving. Two ways to run a step:
 
-- ``batched`` (default): one forward pass per step for every slot (:func:`model.generate.forward_rows`),
-  always over all ``slots`` rows, busy or idle. Matmul kernels block rows by the row count, so a
-  fixed count is what makes a request's numbers, and therefore its text, independent of what else
-  is running: concurrent requests give byte-identical text to the same requests one at a time.
-- ``sequential``: one forward pass per busy slot per step, in turn, through ``GPT.forward`` with the
-  request's own cache: the very computation ``llmforge generate`` does.
+- ``batched`` (default): one pass for every busy slot (:func:`model.generate.forward_rows`): the
+  projections of all requests as one batched one-row-per-request product, attention per request.
+  Each request's logits are bit for bit those of ``GPT.forward`` on it alone, so its text is
+  ``llmforge generate``'s, whatever else is running.
+- ``sequential``: one ``GPT.forward`` per busy slot per step, in turn: the baseline.
 
-The two agree with ``llmforge generate`` token for token in our tests (greedy and seeded); in
-principle batched rows may round the last bit of a logit differently from a single row, which
-could flip a greedy pick at an exact tie. ``bench/serve_throughput.py`` measures both.
+``bench/serve_throughput.py`` measures both (batched is several times faster with 8 streams on a
+CPU: a small model's step is mostly per-operation overhead, which the batch shares).
 
 **HTTP** (:func:`create_app`): ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` gives server-sent events in OpenAI's chunk format,
@@ -44,7 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llmforge.model.generate import StopText, cache_row, forward_rows, sample_next
+from llmforge.model.generate import StopText, forward_rows, sample_next
 
 DECODE_MODES = ("batched", "sequential")
 
@@ -56,7 +54,8 @@ DECODE_MODES = ("batched", "sequential")
 @dataclass
 class Job:
     """One sequence to generate. ``emit`` is called on the engine thread with ``("text", str)``
-    events and then one ``("end", finish_reason, completion_tokens)`` (or ``("error", message)``)."""
+    events and then one ``("end", finish_reason, completion_tokens)``, or ``("error", message)``;
+    nothing more once the job was cancelled."""
 
     prompt: list[int]
     max_tokens: int
@@ -67,11 +66,10 @@ class Job:
     seed: int | None = None
     stops: list[str] = field(default_factory=list)
     cancelled: bool = False
-    # decoding state, set by the engine
+    # decoding state, kept by the engine
+    done: bool = False
     produced: int = 0
     last: int = 0
-    pos: int = 0
-    row: int = -1
     cache: Any = None
     text: StopText | None = None
     generator: torch.Generator | None = None
@@ -94,9 +92,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
         self.vocab_limit = tok.vocab_size if tok.vocab_size < model.config.vocab_size else None
-        self.cache = model.make_kv_cache(slots) if decode == "batched" else None
         self._pending: collections.deque[Job] = collections.deque()
-        self._active: dict[int, Job] = {}
+        self._active: list[Job] = []
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -120,9 +117,10 @@ class Engine:
         return job
 
     def close(self, timeout: float = 10) -> None:
+        """Cancel what is queued or running and stop the thread."""
         with self._cv:
             self._closed = True
-            for job in list(self._pending) + list(self._active.values()):
+            for job in [*self._pending, *self._active]:
                 job.cancel()
             self._cv.notify()
         if self._thread is not None:
@@ -140,35 +138,24 @@ class Engine:
                 while not self._closed and not self._pending and not self._active:
                     self._cv.wait()
                 if self._closed:
-                    admitted: list[Job] = []
-                    for job in list(self._pending) + list(self._active.values()):
-                        self._end(job, None)
-                    self._pending.clear()
-                    self._active.clear()
                     return
-                free = [r for r in range(self.slots) if r not in self._active]
                 admitted = []
-                while free and self._pending:
-                    job = self._pending.popleft()
-                    job.row = free.pop(0)
-                    self._active[job.row] = job
-                    admitted.append(job)
+                while len(self._active) + len(admitted) < self.slots and self._pending:
+                    admitted.append(self._pending.popleft())
+                self._active += admitted
             try:
                 for job in admitted:
                     self._prefill(job)
-                self._drop_finished()
-                if self._active:
-                    self._step()
-                    self._drop_finished()
+                if live := [job for job in self._active if not job.done]:
+                    self._step(live)
             except Exception as e:  # a bug: fail the requests in flight, keep serving
                 traceback.print_exc(file=sys.stderr)
-                with self._cv:
-                    jobs = list(self._active.values())
-                    self._active.clear()
-                for job in jobs:
-                    if job.row >= 0:
-                        job.row = -1
+                for job in self._active:
+                    if not job.done and not job.cancelled:
                         job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+                    job.done = True
+            with self._cv:
+                self._active = [job for job in self._active if not job.done]
 
     def _prefill(self, job: Job) -> None:
         if job.cancelled:
@@ -181,28 +168,19 @@ class Engine:
                 job.generator.manual_seed(job.seed)
             else:
                 job.generator.seed()
-        job.cache = cache_row(self.cache, job.row) if self.cache is not None else self.model.make_kv_cache(1)
-        idx = torch.tensor([job.prompt], dtype=torch.long, device=self.device)
-        logits, _ = self.model(idx, kv_cache=job.cache)
-        job.pos = len(job.prompt)
+        job.cache = self.model.make_kv_cache(1)
+        logits, _ = self.model(torch.tensor([job.prompt], dtype=torch.long, device=self.device), kv_cache=job.cache)
         self._take(job, logits[:, -1, :])
 
-    def _step(self) -> None:
-        jobs = list(self._active.values())
-        if self.cache is None:  # sequential: each request's own forward pass, as generate() does
+    def _step(self, jobs: list[Job]) -> None:
+        if self.decode == "sequential":  # one forward pass per request, as generate() does
             for job in jobs:
                 logits, _ = self.model(torch.tensor([[job.last]], device=self.device), kv_cache=job.cache)
-                job.pos += 1
                 self._take(job, logits[:, -1, :])
             return
-        tokens = torch.zeros(self.slots, dtype=torch.long, device=self.device)
-        pos = torch.zeros(self.slots, dtype=torch.long, device=self.device)
-        for job in jobs:
-            tokens[job.row], pos[job.row] = job.last, job.pos
-        logits = forward_rows(self.model, tokens, pos, self.cache)
-        for job in jobs:
-            job.pos += 1
-            self._take(job, logits[job.row:job.row + 1])
+        logits = forward_rows(self.model, [job.last for job in jobs], [job.cache for job in jobs])
+        for i, job in enumerate(jobs):
+            self._take(job, logits[i:i + 1])
 
     def _take(self, job: Job, last: torch.Tensor) -> None:
         """Sample the next token from ``last`` ([1, V]) and pass on what it adds to the text."""
@@ -226,23 +204,14 @@ class Engine:
             self._end(job, "length")
 
     def _end(self, job: Job, reason: str | None) -> None:
-        """Finish ``job`` (``reason`` None: its client left, nothing more is sent)."""
-        if job.row < 0:
-            return
-        job.row = -1 if reason is None else -2  # -2: ended, still to be dropped from its slot
+        """Finish ``job`` and free its slot (``reason`` None: its client left; nothing is sent)."""
+        job.done, job.cache = True, None
         if reason is None:
             self.stats["cancelled"] += 1
             return
         if tail := job.text.flush():
             job.emit(("text", tail))
         job.emit(("end", reason, job.produced))
-
-    def _drop_finished(self) -> None:
-        with self._cv:
-            for row, job in list(self._active.items()):
-                if job.row != row:
-                    del self._active[row]
-                    job.cache = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +368,7 @@ def create_app(engine: Engine, *, name: str, chat_template: str | None, api_key:
                            param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    async def run_jobs(request: Request, req: _Sampling, prompts: list[list[int]], max_tokens: list[int]):
+    def run_jobs(req: _Sampling, prompts: list[list[int]], max_tokens: list[int]) -> tuple[list[Job], asyncio.Queue]:
         """Submit one job per (prompt, n); returns (jobs, queue of (index, event))."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -498,7 +467,7 @@ def create_app(engine: Engine, *, name: str, chat_template: str | None, api_key:
         # as `llmforge generate`: the prompt's tokens, or an EOS (start of a document) when empty
         prompts = [tok.encode(t) if t else [tok.eos_id] for t in texts]
         max_tokens = [fit(p, req.max_tokens, default_rest=False) for p in prompts]
-        jobs, queue = await run_jobs(request, req, prompts, max_tokens)
+        jobs, queue = run_jobs(req, prompts, max_tokens)
         base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": name}
         if req.stream:
@@ -530,7 +499,7 @@ def create_app(engine: Engine, *, name: str, chat_template: str | None, api_key:
         except ChatError as e:
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
         max_tokens = fit(prompt, req.max_completion_tokens or req.max_tokens, default_rest=True)
-        jobs, queue = await run_jobs(request, req, [prompt], [max_tokens])
+        jobs, queue = run_jobs(req, [prompt], [max_tokens])
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": name}
         if req.stream:

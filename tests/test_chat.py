@@ -21,7 +21,6 @@ from llmforge.model import sft
 from llmforge.model.chat import ChatError, Conversation, encode_chat, render_chat
 from llmforge.model.checkpoint import load_checkpoint
 from llmforge.model.generate import load_model
-from test_evaluate import save_model
 from test_finetune import SFT_FILE, base_checkpoint, finetune, quick
 
 torch.set_num_threads(1)

@@ -94,6 +94,8 @@ def test_logged_model_is_one_weights_only_file_that_loads_back_and_generates(tmp
     assert logged["config"] == original["config"] and logged["lineage"] == original["lineage"]
     assert all(torch.equal(logged["model_state"][k], v) for k, v in original["model_state"].items())
     assert tracking.download_model("models:/loads-back/1") == local  # cached, verified, not fetched again
+    by_run = load_checkpoint(tracking.download_model(f"runs:/{run_id}/model"))
+    assert all(torch.equal(by_run["model_state"][k], v) for k, v in original["model_state"].items())
 
     model, _, _ = load_model(ckpt, "cpu")
     expected = []

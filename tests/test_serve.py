@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -269,31 +268,29 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_ctrl_c_stops_the_server(
         s.listen()
 
 
-def test_batched_rows_do_not_depend_on_each_other_and_match_the_model_alone(checkpoint):
-    """The engine's batched step: a sequence's logits are bit-identical whatever the other rows
-    hold and whichever row it is in, and equal (to float rounding) to GPT.forward on it alone."""
-    from llmforge.model.generate import cache_row, forward_rows, load_model
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_batched_step_gives_each_sequence_exactly_its_logits_alone(proto, bias):
+    """The engine's batched step: whatever shares the batch, in whatever order, a sequence's
+    logits are bit for bit those of GPT.forward on it alone (so served text is generate()'s)."""
+    from llmforge.model.generate import forward_rows
 
-    model, _, _ = load_model(checkpoint, "cpu")
-    seq = [5, 17, 33, 2, 250, 99]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=448, block_size=64, n_layer=2, n_head=4, n_embd=64, bias=bias)).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 448, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 63)]
 
-    def batched_step(row: int, others_seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(others_seed)
-        cache = model.make_kv_cache(8)
-        tokens, pos = torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
-        for r in range(8):
-            ids = seq if r == row else torch.randint(0, 400, (int(torch.randint(1, 40, (1,), generator=g)),),
-                                                     generator=g).tolist()
-            with torch.no_grad():
-                model(torch.tensor([ids[:-1]]), kv_cache=cache_row(cache, r)) if len(ids) > 1 else None
-            tokens[r], pos[r] = ids[-1], len(ids) - 1
-        return forward_rows(model, tokens, pos, cache)[row]
+    def prefilled(ids: list[int]):
+        cache = model.make_kv_cache(1)
+        if len(ids) > 1:
+            model(torch.tensor([ids[:-1]]), kv_cache=cache)
+        return cache
 
-    a, b = batched_step(3, 1), batched_step(6, 2)
-    assert torch.equal(a, b)
     with torch.no_grad():
-        alone, _ = model(torch.tensor([seq]))
-    torch.testing.assert_close(a, alone[0, -1], rtol=1e-5, atol=1e-5)
+        alone = [model(torch.tensor([[p[-1]]]), kv_cache=prefilled(p))[0][0, -1] for p in prompts]
+    for order in ([0, 1, 2, 3, 4], [3, 0], [4, 2, 1, 3, 0], [2]):
+        logits = forward_rows(model, [prompts[i][-1] for i in order], [prefilled(prompts[i]) for i in order])
+        for row, i in enumerate(order):
+            assert torch.equal(logits[row], alone[i]), (order, i)
 
 
 def test_serve_refuses_a_port_in_use_or_a_bad_model_in_one_line(tmp_path, checkpoint, capsys):
