@@ -10,6 +10,10 @@ computed with the earlier context still visible), so we re-prefill: the cache is
 refilled from the last ``REFILL_FRACTION * block_size`` tokens, after which single-token steps
 resume until it fills again. The model then sees between 3/4 and all of a block of context,
 where the uncached path always sees a full block; the two may diverge from that point on.
+
+Also here: :func:`load_model`, the one way commands and the server get a model (a checkpoint, a
+run directory or ``models:/NAME/VERSION``); :class:`IncrementalDecoder` and :class:`StopText` for
+streaming text; :func:`forward_rows`, a decoding step for several sequences in one pass.
 """
 
 from __future__ import annotations

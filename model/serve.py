@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -261,9 +261,9 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-UNSUPPORTED = {"logprobs": "logprobs", "top_logprobs": "logprobs", "echo": "echo", "suffix": "suffix",
-               "tools": "tools", "functions": "tools", "logit_bias": "logit_bias",
-               "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+# OpenAI fields that would change the answer: refused with a 400 when set, never silently ignored
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "presence_penalty",
+               "frequency_penalty")
 
 
 class CompletionRequest(_Sampling):
@@ -305,7 +305,7 @@ def _validation_error(errors: list[dict]) -> APIError:
     loc = ".".join(str(p) for p in first["loc"] if p != "body")
     msg = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
-    shown = "" if isinstance(got, (dict, list)) or first["type"] in ("missing", "json_invalid") else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) or first["type"] == "missing" else f" (got {got!r})"
     return APIError(400, f"{loc}: {msg}{shown}" if loc else msg, param=loc or None, code="invalid_value")
 
 
@@ -331,6 +331,8 @@ def create_app(engine: Engine, *, name: str, chat_template: str | None, api_key:
         return JSONResponse(_validation_error(list(e.errors())).body(), status_code=400)
 
     def authorize(request: Request) -> None:
+        """A dependency of every /v1 route: runs before the body is read, so a caller without the
+        key learns that first (401), whatever else is wrong with the request."""
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -345,7 +347,7 @@ def create_app(engine: Engine, *, name: str, chat_template: str | None, api_key:
             raise APIError(400, f"The model '{req.model}' does not exist; this server has '{name}'", param="model",
                            code="model_not_found")
         given = req.model_extra or {}
-        for key, what in UNSUPPORTED.items():
+        for key in UNSUPPORTED:
             if given.get(key) not in (None, False, 0, 0.0, [], {}):
                 raise APIError(400, f"{key} is not supported by this server", param=key, code="unsupported_parameter")
         if req.top_k is not None and req.top_k > tok.vocab_size:
@@ -379,7 +381,10 @@ def create_app(engine: Engine, *, name: str, chat_template: str | None, api_key:
                 index = i * req.n + j
 
                 def emit(ev: tuple, index: int = index) -> None:
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, ev))
+                    try:
+                        loop.call_soon_threadsafe(queue.put_nowait, (index, ev))
+                    except RuntimeError:  # the server is shutting down: nobody is listening
+                        pass
 
                 jobs.append(Job(prompt=ids, max_tokens=mt, emit=emit, temperature=temperature, top_k=req.top_k,
                                 top_p=req.top_p, seed=None if req.seed is None else req.seed + j,
@@ -445,21 +450,18 @@ def create_app(engine: Engine, *, name: str, chat_template: str | None, api_key:
     async def health():
         return {"status": "ok", "model": name, "decode": engine.decode, **engine.load()}
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
         return {"object": "list", "data": [_model_card(name, created)]}
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request):
-        authorize(request)
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def model(model_id: str):
         if model_id != name:
             raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
         return _model_card(name, created)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(req: CompletionRequest, request: Request):
-        authorize(request)
         check(req)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not texts:
@@ -486,9 +488,8 @@ def create_app(engine: Engine, *, name: str, chat_template: str | None, api_key:
                                     for i, r in enumerate(results)],
                 "usage": usage(prompts, req.n, [r["tokens"] for r in results])}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(req: ChatRequest, request: Request):
-        authorize(request)
         check(req)
         if chat_template is None:
             raise APIError(400, f"'{name}' has no chat template (it was not instruction-tuned); use /v1/completions",

@@ -237,6 +237,8 @@ def test_a_wrong_or_missing_api_key_gets_401(server):
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
     r = httpx.post(f"{server.url}/completions", json={"model": NAME, "prompt": "The"}, timeout=10)
     assert r.status_code == 401 and "Incorrect API key" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/completions", json={"temperature": 9}, timeout=10)  # the key is checked first
+    assert r.status_code == 401
     assert httpx.get(f"{server.root}/health", timeout=10).status_code == 200  # health needs no key
 
 
