@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key: empty; give a key, or leave the option out to serve without one")
     check_device(args.device)
-    sock = _listen(args.host, args.port)  # the port is ours from here: no race with another server
+    sock = _bind(args.host, args.port)  # the port is ours from here: no race with another server
     try:
         model, tok, meta = load_model(args.model, args.device)
         name = args.name or meta["name"]
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         shown = f"[{host}]" if ":" in host else host
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
             warn(f"listening on {args.host} without --api-key: anyone who can reach this machine can use the model")
+        sock.listen(128)  # from here connections wait in the backlog until uvicorn accepts them
         device = next(model.parameters()).device
         say(f"serving {name} at http://{shown}:{port}/v1 ({model.num_params() / 1e6:.1f}M params on {device}, "
             f"context {model.config.block_size}, {'chat template' if meta.get('chat_template') else 'no chat template'}, "
@@ -77,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _listen(host: str, port: int):
-    """A bound, listening socket, or a one-line error naming the option."""
+def _bind(host: str, port: int):
+    """A socket bound to ``host:port``, or a one-line error naming the option."""
+    import errno
     import socket
 
     from llmforge.errors import ConfigError
@@ -91,13 +93,12 @@ def _listen(host: str, port: int):
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop can rebind
     try:
-        sock.bind(addr)
-        sock.listen(128)
+        sock.bind(addr)  # listened on once the model is loaded: no client waits on a server that may fail
     except OSError as e:
         sock.close()
-        what = "is in use (another server?); pick another with --port" if e.errno == 98 else f"({e.strerror})"
+        what = ("is in use (another server?); pick another with --port" if e.errno == errno.EADDRINUSE
+                else f"({e.strerror})")
         raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: {what}") from None
-    sock.set_inheritable(True)
     return sock
 
 
