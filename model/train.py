@@ -41,7 +41,7 @@ from llmforge.model.checkpoint import (
     restore_rng_state,
     tokenizer_bytes,
 )
-from llmforge.model.data import BatchSource, ShardBatcher
+from llmforge.model.data import BatchSource, Prefetcher, ShardBatcher
 from llmforge.model.evaluate import SplitScorer
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, resolve_model
@@ -90,7 +90,7 @@ class TrainConfig(Config):
     val_split: str = Field("val", description="split of the dataset to validate on")
     # how the run is watched, bounded and where it runs: not part of the run's key
     device: str = control("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N")
-    compile: bool = control(False, "torch.compile the model (faster on GPU after warm-up)")
+    compile: bool | None = control(None, "torch.compile the model; default: on with CUDA, off elsewhere")
     max_minutes: float | None = control(None, "stop after M minutes with a checkpoint (re-run to continue)", gt=0)
     log_every: int = control(10, "a progress line every N steps", gt=0)
     ckpt_every: int = control(500, "checkpoint every N steps; 0 = only at the end", ge=0)
@@ -546,9 +546,11 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
     # --- data ------------------------------------------------------------------------------------
     if batcher is None:
         batcher = ShardBatcher(dataset, cfg.train_split, block_size, cfg.batch_size, seed=cfg.seed,
-                               rank=dist.rank, world_size=dist.world_size, device=device)
+                               rank=dist.rank, world_size=dist.world_size)
     elif callable(batcher) and not hasattr(batcher, "get_batch"):
         batcher = batcher(dist.rank, dist.world_size, device)
+    if device.type == "cuda":  # the next batch is gathered and copied while this step runs
+        batcher = Prefetcher(batcher, cfg.grad_accum, device)
     if val_source is None and dataset is not None and cfg.val_split in dataset.splits():
         val_source = SplitScorer(dataset, cfg.val_split, block_size, cfg.eval_tokens)
     elif callable(val_source) and not hasattr(val_source, "score"):
@@ -560,7 +562,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
 
     # --- wrappers: compile, DDP ------------------------------------------------------------------
     raw_model = eval_model = model
-    if cfg.compile:
+    if cfg.compile or (cfg.compile is None and device.type == "cuda"):
         model = eval_model = torch.compile(model)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
