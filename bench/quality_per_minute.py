@@ -105,19 +105,21 @@ class Result:
 
 
 def run_once(recipe: str, budget: str, i: int, data: Path, held: Path, cache: Path, env: dict,
-             extra: list[str]) -> Result:
-    out = cache / "runs" / f"{recipe.replace('/', '_')}-{budget}-{i}"
+             extra: list[str], *, name: str | None = None, eval_tokens: int | None = None) -> Result:
+    """Train ``recipe`` for ``budget`` (a duration like 10m, or a token count like 2M tokens) in a
+    fresh run directory, then score its final checkpoint on the held-out authors."""
+    out = cache / "runs" / f"{(name or recipe).replace('/', '_')}-{budget.replace(' ', '')}-{i}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run every time: nothing resumed
-    llmforge(["train", "--data", str(data), "--config", recipe, "--time", budget, "--out", str(out),
-              "--no-prefect", "--sample-tokens", "0", "--no-log-checkpoints", *extra], env, log=out.with_suffix(".log"))
+    limit = ["--tokens", budget.split()[0]] if budget.endswith("tokens") else ["--time", budget]
+    llmforge(["train", "--data", str(data), "--config", recipe, *limit, "--out", str(out), "--no-prefect",
+              "--sample-tokens", "0", "--no-log-checkpoints", *extra], env, log=out.with_suffix(".log"))
     summary = json.loads((out / "summary.json").read_text())
-    ckpt = summary["checkpoint"]
-    r = llmforge(["evaluate", ckpt, "--data", str(held), "--split", "train", "--max-new-tokens", "0", "--no-prefect",
-                  "--out", str(out / "heldout.json")], env)
+    cap = ["--max-tokens", str(eval_tokens)] if eval_tokens else []
+    llmforge(["evaluate", summary["checkpoint"], "--data", str(held), "--split", "train", "--max-new-tokens", "0",
+              "--no-prefect", "--out", str(out / "heldout.json"), *cap], env)
     result = json.loads((out / "heldout.json").read_text())["train"]
     tokens = summary["step"] * summary["tokens_per_step"]
-    del r
-    return Result(recipe, budget, summary["budget_spent_s"], tokens, tokens / summary["budget_spent_s"],
+    return Result(name or recipe, budget, summary["budget_spent_s"], tokens, tokens / summary["budget_spent_s"],
                   result["bits_per_byte"])
 
 

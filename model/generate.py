@@ -15,7 +15,6 @@ where the uncached path always sees a full block; the two may diverge from that 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch

@@ -281,9 +281,8 @@ class TrainStage(Stage):
 
     def completed(self) -> dict[str, Any] | None:
         """The summary of a run that finished its schedule (its final checkpoint still there)."""
-        try:
-            summary = read_json(self.out_dir / SUMMARY_NAME)
-        except (FileNotFoundError, ValueError):
+        summary = self.read_result(self.out_dir / SUMMARY_NAME)
+        if summary is None:
             return None
         ckpt = summary.get("checkpoint")
         t = self.config.train
