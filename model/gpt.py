@@ -360,7 +360,7 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay: float, lr: float, betas: tuple[float, float],
                              device_type: str, muon: bool = False) -> torch.optim.Optimizer:
         """AdamW with weight decay on >=2-D weights only (matrices and embeddings, not norms or
-        biases); fused on CUDA.
+        biases); fused (on CUDA and CPU).
 
         With ``muon=True`` the 2-D matrices inside the blocks go to ``torch.optim.Muon`` (with
         ``adjust_lr_fn="match_rms_adamw"`` so the same ``lr`` and decay apply) and everything else
@@ -369,7 +369,7 @@ class GPT(nn.Module):
         and ``state_dict`` behave like any torch optimizer, so LR schedulers work unchanged.
         """
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        fused = device_type == "cuda"
+        fused = device_type in ("cuda", "cpu")  # one kernel per step; and it can skip a non-finite step
         if not muon:
             decay = [p for p in params.values() if p.dim() >= 2]
             no_decay = [p for p in params.values() if p.dim() < 2]

@@ -391,6 +391,38 @@ def starting_point(recipe: TrainRecipe, dataset: Dataset | None, out_dir: Path, 
 # the loop
 
 
+class Health:
+    """Loss, gradient norm and the count of non-finite steps, kept on the device and read (one
+    host-device sync) only when the loop needs them: at log, evaluation and checkpoint steps."""
+
+    def __init__(self, bad_steps: int, device: torch.device):
+        self.total = torch.tensor(bad_steps, dtype=torch.int64, device=device)
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.last = torch.full((2,), float("nan"), device=device)
+        self.seen = bad_steps
+
+    def record(self, stats: torch.Tensor) -> torch.Tensor:
+        """``stats`` = [loss, grad norm]; returns whether this step is non-finite (a device bool)."""
+        bad = ~torch.isfinite(stats).all()
+        self.total += bad
+        self.streak = (self.streak + bad) * bad
+        self.last = stats
+        return bad
+
+    def read(self) -> tuple[float, float, int, int, int]:
+        """(loss, grad norm, non-finite steps in all, in a row now, new since the last read)."""
+        loss, norm, total, streak = torch.cat([self.last.double(), self.total.double().view(1),
+                                               self.streak.double().view(1)]).tolist()
+        new, self.seen = int(total) - self.seen, int(total)
+        return loss, norm, int(total), int(streak), new
+
+
+def _skips_on_device(optimizer: Any, scaler: Any) -> bool:
+    """Fused AdamW takes a ``found_inf`` flag and skips the update on the device itself."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused")) \
+        and not scaler.is_enabled()
+
+
 class StopFlag:
     """SIGINT/SIGTERM set a flag the loop checks after each step (main thread only); a second
     signal stops at once."""
@@ -596,7 +628,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             tracking.TAG_BASE_CHECKPOINT: lineage.get("base_checkpoint")}
     run_ctx = (tracking.stage_run(name, stage=stage, experiment=experiment, run_id=run_id, parent_run_id=parent_run_id,
                                   tags=tags) if dist.is_main else contextlib.nullcontext(None))
-    status, last_norm, tok_s, mfu, ckpt_path = "completed", float("nan"), 0.0, None, None
+    status, last_norm, tok_s, mfu, ckpt_path, streak = "completed", float("nan"), 0.0, None, None, 0
     with run_ctx as mlrun, StopFlag() as stop:
         if mlrun is not None:
             run_id = lineage["mlflow_run_id"] = mlrun.run_id
@@ -614,7 +646,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                   f"run dir {out_dir}; MLflow run {run_id}", flush=True)
 
         def save(at_step: int, v_loss: float | None) -> Path | None:
-            if manager is None:
+            if manager is None or streak:  # never a checkpoint from inside a non-finite streak
                 return None
             return manager.save(
                 at_step, model_state=raw_model.state_dict(), optimizer_state=optimizer.state_dict(),
@@ -629,7 +661,10 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             restore_rng_state(resume["rng_state"])
             resume = start.resume = None  # free the host copy of the weights/optimizer before training
         model.train()
-        consecutive_bad, window_tokens, window_time = 0, 0, 0.0
+        window_tokens, window_time = 0, 0.0
+        health = Health(bad_steps, device)
+        skip_on_device = _skips_on_device(optimizer, scaler)
+        sync_every = min(cfg.log_every, cfg.max_bad_steps)
         budget.t0 = time.perf_counter()  # the budget's clock runs from here (start-up is not in it)
         progress = Progress(step, budget)
         finished, factor = False, budget.lr_factor(step, False)
@@ -650,14 +685,12 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            stats = all_reduce(torch.stack([loss_sum.float(), norm.float().to(device)]), "avg")
-            last_loss, last_norm = float(stats[0]), float(stats[1])
-            finite = math.isfinite(last_loss) and (math.isfinite(last_norm) or scaler.is_enabled())
-            if finite:
+            bad = health.record(all_reduce(torch.stack([loss_sum.float(), norm.float().to(device)]), "avg"))
+            if skip_on_device:  # fused AdamW skips a non-finite step itself: no host-device sync
+                optimizer.grad_scale, optimizer.found_inf = None, bad.float()
+                optimizer.step()
+            elif not bool(bad):  # other optimizers, or fp16's scaler, decide on the host
                 scaler.step(optimizer)
-                consecutive_bad = 0
-            else:
-                bad_steps, consecutive_bad = bad_steps + 1, consecutive_bad + 1
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -667,15 +700,23 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             window_time += time.perf_counter() - t0
             window_tokens += tokens_per_step
 
-            if not finite and dist.is_main:
-                print(f"step {step}: non-finite loss {last_loss} / grad norm {last_norm}: update skipped "
-                      f"({consecutive_bad} in a row, {bad_steps} in all)", flush=True)
-            if consecutive_bad >= cfg.max_bad_steps:
+            # the step's numbers stay on the device; they are read here, every few steps
+            due = lambda every: bool(every) and step % every == 0  # noqa: E731
+            out_of_time = cfg.max_minutes is not None and time.time() - t_start > cfg.max_minutes * 60
+            if not (finished or due(sync_every) or due(cfg.ckpt_every) or due(cfg.eval_every)
+                    or step == progress.start_step + 1 or stop.signal is not None or out_of_time):
+                continue
+            last_loss, last_norm, bad_steps, streak, new_bad = health.read()
+            if new_bad and dist.is_main:
+                print(f"step {step}: {new_bad} step(s) with a non-finite loss or gradient norm skipped "
+                      f"({streak} in a row, {bad_steps} in all; last loss {last_loss}, grad norm {last_norm})",
+                      flush=True)
+            if streak >= cfg.max_bad_steps:
                 if mlrun is not None:
                     mlrun.metrics({tracking.BAD_STEPS: bad_steps}, step=step)
                     mlrun.tags({tracking.TAG_STATUS: "diverged"})
                 raise TrainingDiverged(
-                    f"stopping at step {step}: {consecutive_bad} consecutive steps with non-finite loss or gradient "
+                    f"stopping at step {step}: {streak} consecutive steps with non-finite loss or gradient "
                     f"norm (loss {last_loss}, grad norm {last_norm}); lower the learning rate (train.lr={cfg.lr}) or "
                     f"raise train.warmup_steps. The last good checkpoint is {manager.latest() if manager else 'on rank 0'}")
 
@@ -706,7 +747,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 if text := _samples(raw_model, start.tokenizer, cfg, device):
                     mlrun.text(text, f"samples/step-{step:08d}.txt")
 
-            flags = [stop.signal is not None, cfg.max_minutes is not None and time.time() - t_start > cfg.max_minutes * 60]
+            flags = [stop.signal is not None, out_of_time]
             if dist.enabled:  # every rank stops at the same step
                 flags = [bool(f) for f in all_reduce(torch.tensor(flags, dtype=torch.float32, device=device), "max")]
             stopping = any(flags) and not finished
