@@ -485,7 +485,7 @@ def model_card(record: dict[str, Any], chat_template: str | None) -> str:
     lines += ["## Use", "",
               "A document starts after an end-of-text token, and the tokenizer adds none, so prompt with "
               "`[tokenizer.eos_token_id] + tokenizer(prompt).input_ids`:", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "import torch", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)",
               "ids = torch.tensor([[tok.eos_token_id] + tok('Once upon a time').input_ids])",
               "print(tok.decode(model.generate(ids, max_new_tokens=50)[0]))", "```", ""]
@@ -600,12 +600,12 @@ class ExportStage(Stage):
 
     def run(self) -> dict[str, Any]:
         t0 = time.time()
-        model = GPT(self.model_config)
-        try:
-            model.load_state_dict(_clean_state_dict(self._ckpt["model_state"]))
+        with torch.device("meta"):  # no random init of weights that are replaced at once
+            model = GPT(self.model_config)
+        try:  # strict: the checkpoint's tensors must be exactly the model's, in name and shape
+            model.load_state_dict(_clean_state_dict(self._ckpt["model_state"]), assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"{self.checkpoint}: model weights do not match its own config: {e}") from e
-        model.eval()
         record = self._record(model)
         chat_template = (self._ckpt.get("extra") or {}).get("chat_template")
         out = self.out_dir
