@@ -540,6 +540,9 @@ class ExportStage(Stage):
         self.model_config = model_config_from_checkpoint(ckpt, self.checkpoint)
         check_exportable(self.model_config, self.checkpoint)
         self.tokenizer = checkpoint_tokenizer(ckpt, self.checkpoint)
+        if self.tokenizer.vocab_size > self.model_config.vocab_size:
+            raise CheckpointError(f"{self.checkpoint}: embedded tokenizer has {self.tokenizer.vocab_size} pieces but "
+                                  f"the model only {self.model_config.vocab_size}")
         self._ckpt = ckpt
         self._out = Path(out) if out is not None else None
         self._check_out()
