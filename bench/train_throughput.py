@@ -1,14 +1,19 @@
-"""Training throughput per model preset, and the data loader's random-batch sampling rate.
+"""Training throughput per model preset beside a plain reference step, the evaluation scorer's
+throughput, and the data loader's random-batch sampling rate.
 
     python bench/train_throughput.py                      # tiny, small, gpt2-124m on the best device
+    python bench/train_throughput.py --presets gpt2-124m --compile
     python bench/train_throughput.py --presets tiny --steps 20 --device cpu
     python bench/train_throughput.py --data shards/tokens-XXXX   # sample from a real dataset
 
-For each preset it times full optimizer steps (forward, backward, clip, AdamW step, with the
-trainer's dtype policy: bf16 autocast on CUDA, fp32 on CPU) on batches drawn by
-:class:`model.data.ShardBatcher`, after ``--warmup`` untimed steps, and prints tokens/s and, on
-a GPU in the trainer's peak table, MFU. The loader line is ``ShardBatcher.get_batch`` alone on
-one core (``torch.set_num_threads(1)``), over shards memory-mapped from disk.
+For each preset, in one process and on the same batches: the plain reference step of
+``bench/reference_gpt.py`` (same shape, same weights: eager attention matmuls, non-fused AdamW, no
+compile; ``tests/test_reference_step.py`` checks both compute the same loss), llmforge's step as
+the trainer runs it (fused AdamW on CUDA, bf16 autocast on CUDA, torch.compile on CUDA by default,
+the next batch prefetched to the GPU while the step runs), and the held-out scorer's forward-only
+throughput (``model/evaluate.py``, batches of its default size). It prints tokens/s, the ratio to
+the reference, MFU on a GPU in the runtime's peak table, and evaluation tokens/s over training's.
+The loader line is ``ShardBatcher.get_batch`` alone on one core.
 
 Without ``--data`` a throwaway dataset of uniformly random tokens (vocabulary ``--vocab-size``)
 is written to a temp directory through the real shard writer: content does not change speed.
@@ -71,46 +76,85 @@ def loader_rate(ds: Dataset, block_size: int, batch_size: int, seconds: float = 
     return rate
 
 
-def model_rate(preset: str, ds: Dataset, device: torch.device, batch_size: int, block_size: int | None,
-               steps: int, warmup: int, compile: bool) -> dict:
-    cfg = load_preset(preset, vocab_size=ds.vocab_size, block_size=block_size)
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device)
-    opt = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device.type)
-    dtype = resolve_dtype("auto", device)
-    step_model = torch.compile(model) if compile else model
-    batcher = ShardBatcher(ds, "train", cfg.block_size, batch_size, seed=0, device=device)
-
-    def one(step: int) -> None:
-        x, y = batcher.get_batch(step)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            _, loss = step_model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()  # the trainer syncs once per step to check the loss is finite
-
+def _timed(fn, steps: int, warmup: int, device: torch.device) -> float:
     for s in range(warmup):
-        one(s)
+        fn(s)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for s in range(warmup, warmup + steps):
-        one(s)
+        fn(s)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    tok_s = steps * batch_size * cfg.block_size / dt
+    return (time.perf_counter() - t0) / steps
+
+
+def model_rate(preset: str, ds: Dataset, device: torch.device, batch_size: int, block_size: int | None,
+               steps: int, warmup: int, compile: bool | None, reference: bool) -> dict:
+    """tokens/s of llmforge's training step, of the plain reference step (same shape, batch and
+    weights) and of llmforge's held-out scorer, on the same batches."""
+    from llmforge.model.data import Prefetcher
+    from llmforge.model.evaluate import score_batches
+    from llmforge.model.runtime import autocast
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reference_gpt import from_config, load_llmforge_state, reference_step
+
+    cfg = load_preset(preset, vocab_size=ds.vocab_size, block_size=block_size)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dtype = resolve_dtype("auto", device)
+    tokens = batch_size * cfg.block_size
+    out = {"preset": preset, "params_M": model.num_params() / 1e6, "batch": f"{batch_size}x{cfg.block_size}"}
+
+    batcher = ShardBatcher(ds, "train", cfg.block_size, batch_size, seed=0)
+    if reference:
+        try:
+            ref = load_llmforge_state(from_config(cfg), init).to(device)
+            ref_opt = torch.optim.AdamW(ref.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
+
+            def ref_one(step: int) -> None:
+                x, y = batcher.get_batch(step)
+                reference_step(ref, ref_opt, x.to(device), y.to(device), dtype).item()
+
+            out["ref_tokens_per_s"] = tokens / _timed(ref_one, steps, warmup, device)
+            del ref, ref_opt
+        except ValueError:
+            out["ref_tokens_per_s"] = None
+
+    # llmforge's engine, as the trainer runs it
+    opt = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device.type)
+    use_compile = compile if compile is not None else device.type == "cuda"
+    step_model = torch.compile(model) if use_compile else model
+    source = Prefetcher(batcher, 1, device) if device.type == "cuda" else batcher
+
+    def one(step: int) -> None:
+        x, y = source.get_batch(step)
+        with autocast(device, dtype):
+            _, loss = step_model(x.to(device), y.to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # the trainer reads the loss once per step to skip non-finite updates
+
+    dt = _timed(one, steps, warmup, device)
+    out["tokens_per_s"] = tokens / dt
     peak = peak_flops(device)
-    return {
-        "preset": preset,
-        "params_M": model.num_params() / 1e6,
-        "batch": f"{batch_size}x{cfg.block_size}",
-        "step_s": dt / steps,
-        "tokens_per_s": tok_s,
-        "mfu": tok_s * model.flops_per_token() / peak if peak else None,
-    }
+    out["mfu"] = out["tokens_per_s"] * model.flops_per_token(cfg.block_size) / peak if peak else None
+
+    # the held-out scorer (forward only, no grad) on batches of the evaluation's default size
+    from llmforge.model.evaluate import EVAL_BATCH_SIZE
+
+    eval_batch = ShardBatcher(ds, "train", cfg.block_size, EVAL_BATCH_SIZE, seed=1)
+
+    def ev(step: int) -> None:
+        x, y = eval_batch.get_batch(step)
+        score_batches(step_model, [(x, y)], device=device, dtype=dtype)
+
+    out["eval_tokens_per_s"] = EVAL_BATCH_SIZE * cfg.block_size / _timed(ev, steps, warmup, device)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=None, help="default: each preset's own")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 2 on CPU, 20 on GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 5 on GPU)")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile llmforge's step (default: as the trainer, on with CUDA)")
+    p.add_argument("--no-reference", action="store_true", help="skip the plain reference step")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model steps")
     args = p.parse_args(argv)
 
@@ -140,16 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: {name}; torch {torch.__version__}; data: {ds.root} ({ds.num_tokens('train'):,} tokens)\n")
         rate = loader_rate(ds, 1024, 32)
         print(f"loader: ShardBatcher random batches 32x1024, one core: {rate / 1e6:,.1f}M tokens/s\n")
-        header = f"{'preset':<10} {'params':>9} {'batch':>9} {'s/step':>8} {'tokens/s':>12} {'MFU':>7}"
-        print(header)
-        print("-" * len(header))
+        print("| preset | params | batch | reference tok/s | llmforge tok/s | vs reference | MFU | "
+              "evaluate tok/s | evaluate / train |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
         for preset in [s.strip() for s in args.presets.split(",") if s.strip()]:
             block = args.block_size or load_preset(preset, vocab_size=ds.vocab_size).block_size
             batch = args.batch_size or (16 if gpu else max(1, 2048 // block))
-            r = model_rate(preset, ds, device, batch, args.block_size, steps, warmup, args.compile)
+            r = model_rate(preset, ds, device, batch, args.block_size, steps, warmup, args.compile,
+                           not args.no_reference)
+            ref, tok_s, ev = r.get("ref_tokens_per_s"), r["tokens_per_s"], r["eval_tokens_per_s"]
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-            print(f"{r['preset']:<10} {r['params_M']:>8.1f}M {r['batch']:>9} {r['step_s']:>8.3f} "
-                  f"{r['tokens_per_s']:>12,.0f} {mfu:>7}", flush=True)
+            ref_s, ratio = (f"{ref:,.0f}", f"{tok_s / ref:.2f}x") if ref else ("-", "-")
+            print(f"| {r['preset']} | {r['params_M']:.1f}M | {r['batch']} | {ref_s} | {tok_s:,.0f} | {ratio} | {mfu} | "
+                  f"{ev:,.0f} | {ev / tok_s:.2f}x |", flush=True)
     return 0
 
 

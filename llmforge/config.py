@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Iterable, Mapping, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from llmforge.errors import ConfigError, NotFound, suggest
 
@@ -83,6 +83,45 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
     return v
+
+
+# ---------------------------------------------------------------------------------------------
+# parsed scalar types
+
+
+_UNITS_S = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+_UNITS_N = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_duration(v: Any) -> Any:
+    """``600``, ``"600"``, ``"10m"``, ``"1h30m"``, ``"90s"``, ``"1.5h"`` -> seconds (float)."""
+    import re
+
+    if v is None or isinstance(v, (int, float)):
+        return v
+    text = str(v).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([a-z]+)", text)
+    if not parts or "".join(a + b for a, b in parts) != text or any(u not in _UNITS_S for _, u in parts):
+        raise ValueError(f"not a duration: {v!r} (use seconds, or e.g. 90s, 10m, 1h30m)")
+    return float(sum(float(a) * _UNITS_S[u] for a, u in parts))
+
+
+def parse_count(v: Any) -> Any:
+    """``200000000``, ``"200M"``, ``"1.5B"``, ``"500k"`` -> an int."""
+    import re
+
+    if v is None or isinstance(v, int):
+        return v
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmbgt]?)", str(v).strip().lower().replace("_", "").replace(",", ""))
+    if not m:
+        raise ValueError(f"not a count: {v!r} (use e.g. 2000000, 200M, 1.5B)")
+    return int(float(m.group(1)) * _UNITS_N[m.group(2)])
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Count = Annotated[int, BeforeValidator(parse_count)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +265,8 @@ def _scalar_type(annotation: Any) -> type | None:
     origin = get_origin(annotation)
     if origin in (list, tuple, dict, set):
         return None
+    if origin is Annotated:  # a parsed type (a duration, a count): the flag passes the text through
+        return str
     if origin is not None and str(origin) in ("typing.Literal",):
         return str
     args = [a for a in get_args(annotation) if a is not type(None)]

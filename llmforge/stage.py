@@ -56,6 +56,18 @@ class Stage(abc.ABC):
     def run(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Do (or resume) the work; return the result."""
 
+    @staticmethod
+    def read_result(path: Path) -> dict[str, Any] | None:
+        """A stage's JSON result file, or None when it is missing or unreadable (then the stage
+        is simply not complete: a torn or hand-edited file is never trusted)."""
+        from llmforge.pipeline.fsutil import read_json
+
+        try:
+            result = read_json(path)
+        except (OSError, ValueError):
+            return None
+        return result if isinstance(result, dict) else None
+
     def ensure(self, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], bool]:
         """``(result, skipped)``: the completed result, or the result of running the stage."""
         done = self.completed()

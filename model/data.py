@@ -150,3 +150,50 @@ class ShardBatcher:
                 f"{self.seed}; resuming would change the batch sequence (pass the original seed)"
             )
         self.step = int(state["step"])
+
+
+class Prefetcher:
+    """Wraps a batch source on CUDA: while step ``s`` runs, a background thread draws the next
+    batch (``(s, micro + 1)`` or ``(s + 1, 0)``), pins it and copies it to the GPU on a side stream;
+    the step waits only on that copy's event. Batches are a pure function of (step, micro), so
+    prefetching cannot change them; a request for any other batch is drawn on the spot."""
+
+    def __init__(self, source: Any, grad_accum: int, device: torch.device):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.source, self.grad_accum, self.device = source, grad_accum, device
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.stream = torch.cuda.Stream(device)
+        self.pending: tuple[tuple[int, int], Any] | None = None
+
+    def _fetch(self, step: int, micro: int):
+        x, y = self.source.get_batch(step, micro)
+        with torch.cuda.stream(self.stream):
+            if not x.is_cuda:  # a source that already returns device tensors is passed through
+                x = x.pin_memory().to(self.device, non_blocking=True)
+                y = y.pin_memory().to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return x, y, done
+
+    def get_batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pending is not None and self.pending[0] == (step, micro):
+            x, y, done = self.pending[1].result()
+        else:
+            x, y, done = self._fetch(step, micro)
+        nxt = (step, micro + 1) if micro + 1 < self.grad_accum else (step + 1, 0)
+        self.pending = (nxt, self.pool.submit(self._fetch, *nxt))
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(done)
+        x.record_stream(current)  # the copy's memory is not reused while this stream reads it
+        y.record_stream(current)
+        return x, y
+
+    def __getattr__(self, name: str) -> Any:  # batch_size, block_size, ... of the source
+        return getattr(self.source, name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)

@@ -56,7 +56,7 @@ from llmforge.model.checkpoint import find_checkpoint
 from llmforge.model.data import IGNORE_INDEX
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
 from llmforge.model.runtime import DistInfo, all_reduce, autocast, resolve_dtype
-from llmforge.pipeline.fsutil import atomic_write_json, read_json, sha256_file
+from llmforge.pipeline.fsutil import atomic_write_json, sha256_file
 from llmforge.pipeline.shards import Dataset
 from llmforge.stage import Stage
 
@@ -401,11 +401,8 @@ class EvalStage(Stage):
         return self._out or self.checkpoint.parent / "eval" / f"{self.checkpoint.stem}-{self.key}.json"
 
     def completed(self) -> dict[str, Any] | None:
-        try:
-            result = read_json(self.result_path)
-        except (FileNotFoundError, ValueError):
-            return None
-        return result if isinstance(result, dict) and result.get("key") == self.key else None
+        result = self.read_result(self.result_path)
+        return result if result is not None and result.get("key") == self.key else None
 
     def run(self, *, experiment: str = tracking.EXPERIMENT, parent_run_id: str | None = None,
             progress: bool = True) -> dict[str, Any]:

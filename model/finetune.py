@@ -44,7 +44,7 @@ from llmforge.model.checkpoint import find_checkpoint, load_checkpoint, save_che
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec
 from llmforge.model.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
 from llmforge.model.train import TrainConfig, TrainRecipe, train
-from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, read_json, sha256_file
+from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, sha256_file
 from llmforge.pipeline.shards import Dataset
 from llmforge.stage import Stage
 
@@ -156,11 +156,8 @@ class FinetuneStage(Stage):
         return self._out or self.runs_root / f"finetune-{self.config.mode}-{self.key}"
 
     def completed(self) -> dict[str, Any] | None:
-        try:
-            summary = read_json(self.out_dir / SUMMARY_NAME)
-        except (FileNotFoundError, ValueError):
-            return None
-        if summary.get("key") != self.key or not (self.out_dir / MODEL_NAME).is_file():
+        summary = self.read_result(self.out_dir / SUMMARY_NAME)
+        if summary is None or summary.get("key") != self.key or not (self.out_dir / MODEL_NAME).is_file():
             return None
         return summary
 

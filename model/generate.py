@@ -298,19 +298,23 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "auto"):
 
     - ``models:/NAME/VERSION`` (or ``models:/NAME@alias``, ``runs:/RUN_ID/model``): a model in the
       MLflow registry, downloaded through :mod:`llmforge.tracking` (cached), then loaded as a file;
+    - a Hugging Face export directory (``llmforge export --format hf``, any directory with a
+      ``config.json``): :func:`llmforge.model.export.load_hf_export`;
     - a checkpoint file or a run directory: :func:`load_for_inference`.
 
-    An export directory (safetensors + config.json) becomes one more branch here.
     Returns ``(model, tokenizer, meta)``; ``meta`` adds ``name``, ``source`` and
     ``chat_template`` (``None`` for a model that only continues text) to :func:`load_for_inference`'s.
     """
+    from llmforge.model.export import is_hf_export, load_hf_export
+
     if is_model_uri(source):
         from llmforge import tracking
 
-        path = tracking.download_model(str(source))
+        model, tok, meta = load_for_inference(tracking.download_model(str(source)), device)
+    elif is_hf_export(source):
+        model, tok, meta = load_hf_export(source, device)
     else:
-        path = find_checkpoint(source)  # the file's kind, before anything is unpickled
-    model, tok, meta = load_for_inference(path, device)
+        model, tok, meta = load_for_inference(find_checkpoint(source), device)  # kind checked before unpickling
     meta.update(name=model_name(source), source=str(source), chat_template=meta["extra"].get("chat_template"))
     return model, tok, meta
 
@@ -337,12 +341,13 @@ def forward_rows(model: GPT, tokens: Sequence[int], caches: Sequence[KVCache]) -
     next-token logits ``[P, V]``.
 
     Row ``i`` is bit for bit what ``GPT.forward(tokens[i], kv_cache=caches[i])`` returns (its
-    one-new-token path): the projections run as one-row products batched together, attention
-    runs per sequence over exactly its cached keys. So a request's text never depends on which
-    or how many other requests share the step, and equals ``generate()``'s. What is shared is the
-    per-operation overhead, which is most of a small model's step on a CPU."""
+    one-new-token path, step for step: GQA, QK-norm, SwiGLU included): the projections run as
+    one-row products batched together, attention runs per sequence over exactly its cached keys.
+    So a request's text never depends on which or how many other requests share the step, and
+    equals ``generate()``'s. What is shared is the per-operation overhead, which is most of a
+    small model's step on a CPU. (tests/test_serve.py holds it to GPT.forward, bit for bit.)"""
     cfg = model.config
-    P, C, H = len(tokens), cfg.n_embd, cfg.n_head
+    P, C, D = len(tokens), cfg.n_embd, cfg.head_dim
     device = model.lm_head.weight.device
     pos = torch.tensor([c.pos for c in caches], dtype=torch.long, device=device)
     if int(pos.max()) >= cfg.block_size:
@@ -352,18 +357,26 @@ def forward_rows(model: GPT, tokens: Sequence[int], caches: Sequence[KVCache]) -
     x = model.transformer.drop(model.transformer.wte(torch.tensor(list(tokens), device=device)[:, None]))
     for layer, block in enumerate(model.transformer.h):
         attn = block.attn
-        q, k, v = _rows_linear(attn.c_attn, block.ln_1(x)).split(C, dim=2)
-        q = apply_rotary(q.view(P, 1, H, C // H).transpose(1, 2), cos, sin)  # [P, H, 1, D]
-        k = apply_rotary(k.view(P, 1, H, C // H).transpose(1, 2), cos, sin)
-        v = v.view(P, 1, H, C // H).transpose(1, 2)
+        H, Hkv = attn.n_head, attn.n_kv_head
+        q, k, v = _rows_linear(attn.c_attn, block.ln_1(x)).split([C, Hkv * D, Hkv * D], dim=2)
+        q = q.view(P, 1, H, D).transpose(1, 2)  # [P, H, 1, D]
+        k = k.view(P, 1, Hkv, D).transpose(1, 2)
+        v = v.view(P, 1, Hkv, D).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         ys = []
         for i, cache in enumerate(caches):  # as CausalSelfAttention's one-new-token branch
             keys, values = cache.update(layer, k[i:i + 1], v[i:i + 1])
-            ys.append(F.scaled_dot_product_attention(q[i:i + 1], keys.to(q.dtype), values.to(q.dtype)))
+            ys.append(attn._sdpa(q[i:i + 1], keys.to(q.dtype), values.to(q.dtype)))
         y = torch.cat(ys).transpose(1, 2).contiguous().view(P, 1, C)
         x = x + attn.resid_dropout(_rows_linear(attn.c_proj, y))
-        mlp = block.mlp
-        x = x + mlp.dropout(_rows_linear(mlp.c_proj, F.gelu(_rows_linear(mlp.c_fc, block.ln_2(x)))))
+        mlp, h = block.mlp, block.ln_2(x)
+        if hasattr(mlp, "c_gate"):  # SwiGLU
+            h = F.silu(_rows_linear(mlp.c_gate, h)) * _rows_linear(mlp.c_fc, h)
+        else:
+            h = F.gelu(_rows_linear(mlp.c_fc, h))
+        x = x + mlp.dropout(_rows_linear(mlp.c_proj, h))
     for cache in caches:
         cache.pos += 1
     return _rows_linear(model.lm_head, model.transformer.ln_f(x))[:, 0]

@@ -5,6 +5,13 @@ through ``scaled_dot_product_attention``, RMSNorm, GELU MLP) -> final RMSNorm ->
 to the embedding. Shaped after karpathy/nanoGPT ``model.py``; rotary positions and RMSNorm
 instead of learned positions and LayerNorm, and a :class:`KVCache` for fast generation.
 
+Options for the Llama shape (``model/export.py`` writes such a model as a Llama checkpoint):
+``mlp="swiglu"`` (``c_proj(silu(c_gate(x)) * c_fc(x))``), ``n_kv_head`` < ``n_head``
+(grouped-query attention: heads share keys/values in groups, and the KV cache holds only
+``n_kv_head`` heads) and ``tie_embeddings=False``. ``qk_norm`` (RMSNorm on each head's q and
+k before rotary, as in the modded-nanogpt speedrun) is for experiments; Llama has no such
+weights. Every default is the original GPT shape, so old checkpoints load unchanged.
+
 Presets live in ``configs/model/<name>.yaml`` and hold model fields only; ``vocab_size`` comes
 from the tokenizer / shard manifest at build time (``load_preset("tiny", vocab_size=8000)``).
 """
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -34,7 +41,16 @@ class GPTConfig(Config):
     n_layer: int = Field(12, gt=0, description="transformer blocks")
     n_head: int = Field(12, gt=0, description="attention heads per block")
     n_embd: int = Field(768, gt=0, description="width of the residual stream")
-    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden size as a multiple of n_embd")
+    n_kv_head: int | None = Field(None, gt=0, description="key/value heads for grouped-query attention; "
+                                  "must divide n_head (none = n_head: plain multi-head attention)")
+    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="MLP kind: gelu (GPT-2) or swiglu (Llama; "
+                                           "what the Hugging Face / GGUF export needs)")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden size as a multiple of n_embd (swiglu: 2/3 of "
+                             "that, rounded up to a multiple of 64, so it costs what gelu does)")
+    mlp_hidden: int | None = Field(None, gt=0, description="MLP hidden size, overriding mlp_ratio (none = "
+                                   "from mlp_ratio)")
+    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys before rotary "
+                          "(modded-nanogpt; not exportable to Llama)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings, attention and MLP outputs")
     bias: bool = Field(False, description="biases in Linear layers (GPT-2 had them; they buy nothing)")
     tie_embeddings: bool = Field(True, description="the LM head is the token embedding matrix")
@@ -47,11 +63,28 @@ class GPTConfig(Config):
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2 != 0:
             raise ValueError(f"head size {self.n_embd // self.n_head} must be even for rotary embeddings")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         return self
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or ``n_head`` when unset."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """The MLP's hidden width. SwiGLU has three matrices where GELU has two, so Llama's rule
+        takes 2/3 of the ratio (and rounds up to a multiple of 64 for fast matmuls)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return int(self.mlp_ratio * self.n_embd)
+        return 64 * math.ceil(2 / 3 * self.mlp_ratio * self.n_embd / 64)
 
 
 def _optional_fields(exclude: set[str]) -> dict[str, Any]:
@@ -111,7 +144,8 @@ def resolve_model(spec: Any, vocab_size: int, block_size: int | None = None) -> 
 
 
 class KVCache:
-    """Preallocated keys/values for every layer, ``[B, H, max_len, D]`` each, plus a position.
+    """Preallocated keys/values for every layer, ``[B, H, max_len, D]`` each (``H`` is the number
+    of key/value heads, fewer than the query heads under grouped-query attention), plus a position.
 
     ``GPT.forward(idx, kv_cache=cache)`` writes the new keys/values of layer ``i`` at
     ``[pos, pos + T)`` and, after the last layer, advances ``pos`` by ``T``.
@@ -163,48 +197,66 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
         self.head_dim = config.head_dim
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # one matmul for q (n_head heads), k and v (n_kv_head heads each): [q | k | v] rows
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_dim,
+                                bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+        if self.n_kv_head != self.n_head:  # query heads share each key/value head in groups
+            kw["enable_gqa"] = True
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **kw)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        dropout_p = self.dropout if self.training else 0.0
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = self._sdpa(q, k, v, is_causal=True)
         else:
             pos = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # a float32 cache under bf16 autocast
             if T == 1:  # one new token sees every cached position
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+                y = self._sdpa(q, k, v)
             elif pos == 0:  # prefill of an empty cache: the plain causal case
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+                y = self._sdpa(q, k, v, is_causal=True)
             else:  # chunk after a prefix: query i (absolute pos+i) sees keys j <= pos+i
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+                y = self._sdpa(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """GELU: ``c_proj(gelu(c_fc(x)))``; SwiGLU: ``c_proj(silu(c_gate(x)) * c_fc(x))``."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        hidden = int(config.mlp_ratio * config.n_embd)
+        hidden = config.hidden_dim
+        if config.mlp == "swiglu":
+            self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        h = F.silu(self.c_gate(x)) * self.c_fc(x) if hasattr(self, "c_gate") else F.gelu(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -271,7 +323,7 @@ class GPT(nn.Module):
     def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache sized for this model (``max_len`` defaults to ``block_size``)."""
         p = self.lm_head.weight
-        return KVCache(batch_size, self.config.n_layer, self.config.n_head, max_len or self.config.block_size,
+        return KVCache(batch_size, self.config.n_layer, self.config.kv_heads, max_len or self.config.block_size,
                        self.config.head_dim, device=p.device, dtype=p.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
@@ -308,7 +360,7 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay: float, lr: float, betas: tuple[float, float],
                              device_type: str, muon: bool = False) -> torch.optim.Optimizer:
         """AdamW with weight decay on >=2-D weights only (matrices and embeddings, not norms or
-        biases); fused on CUDA.
+        biases); fused (on CUDA and CPU).
 
         With ``muon=True`` the 2-D matrices inside the blocks go to ``torch.optim.Muon`` (with
         ``adjust_lr_fn="match_rms_adamw"`` so the same ``lr`` and decay apply) and everything else
@@ -317,7 +369,7 @@ class GPT(nn.Module):
         and ``state_dict`` behave like any torch optimizer, so LR schedulers work unchanged.
         """
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        fused = device_type == "cuda"
+        fused = device_type in ("cuda", "cpu")  # one kernel per step; and it can skip a non-finite step
         if not muon:
             decay = [p for p in params.values() if p.dim() >= 2]
             no_decay = [p for p in params.values() if p.dim() < 2]

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 
 from llmforge import tracking
-from llmforge.config import Config, control, read_yaml
+from llmforge.config import Config, Count, Duration, control, read_yaml
 from llmforge.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from llmforge.model.checkpoint import (
     CheckpointManager,
@@ -41,7 +41,7 @@ from llmforge.model.checkpoint import (
     restore_rng_state,
     tokenizer_bytes,
 )
-from llmforge.model.data import BatchSource, ShardBatcher
+from llmforge.model.data import BatchSource, Prefetcher, ShardBatcher
 from llmforge.model.evaluate import SplitScorer
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, resolve_model
@@ -63,7 +63,14 @@ class TrainConfig(Config):
                                    "context; a new model's context defaults to it)")
     batch_size: int = Field(16, gt=0, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    max_steps: int = Field(2000, gt=0, description="optimizer steps; also the horizon of the schedule")
+    max_steps: int = Field(2000, gt=0, description="optimizer steps, the schedule's horizon unless a time or "
+                           "tokens budget is given")
+    time: Duration | None = Field(None, gt=0, description="train for this wall-clock time (e.g. 10m, 1h30m): the "
+                                  "schedule runs on the share of it spent and ends decayed, replacing max_steps")
+    tokens: Count | None = Field(None, gt=0, description="train on this many tokens (e.g. 200M), replacing max_steps")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="after warm-up: cosine decay to min_lr, or wsd "
+                                               "(constant, then a linear decay over the last `cooldown` share)")
+    cooldown: float = Field(0.2, gt=0, le=1, description="wsd: share of the budget spent decaying to min_lr")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     min_lr: float | None = Field(None, ge=0, description="final learning rate of the decay (default: lr/10)")
     warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
@@ -83,7 +90,7 @@ class TrainConfig(Config):
     val_split: str = Field("val", description="split of the dataset to validate on")
     # how the run is watched, bounded and where it runs: not part of the run's key
     device: str = control("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N")
-    compile: bool = control(False, "torch.compile the model (faster on GPU after warm-up)")
+    compile: bool | None = control(None, "torch.compile the model; default: on with CUDA, off elsewhere")
     max_minutes: float | None = control(None, "stop after M minutes with a checkpoint (re-run to continue)", gt=0)
     log_every: int = control(10, "a progress line every N steps", gt=0)
     ckpt_every: int = control(500, "checkpoint every N steps; 0 = only at the end", ge=0)
@@ -100,7 +107,18 @@ class TrainConfig(Config):
     def _check(self) -> "TrainConfig":
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.time is not None and self.tokens is not None:
+            raise ValueError("give one budget: time or tokens (or max_steps), not both")
         return self
+
+    @property
+    def budget(self) -> str:
+        """What a run of this config is called by its length: ``10m``, ``200M tokens``, ``2000 steps``."""
+        if self.time is not None:
+            return _clock(self.time).replace("m00s", "m") if self.time >= 60 else f"{self.time:g}s"
+        if self.tokens is not None:
+            return f"{self.tokens / 1e6:g}M tokens"
+        return f"{self.max_steps} steps"
 
     @property
     def final_lr(self) -> float:
@@ -138,14 +156,87 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier on the base lr for 0-based ``step``: linear warm-up, then cosine to min_lr."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+def lr_factor(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Multiplier on the base lr for 0-based ``step``: linear warm-up, then the decay to
+    ``min_lr`` at ``progress``, the share of the budget spent (1.0 on the last step). Without a
+    ``progress`` (a step budget) the cosine runs from the end of warm-up to ``max_steps``."""
     floor = cfg.final_lr / cfg.lr
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if progress is None:  # a step budget: the classic warm-up + cosine (exactly as before budgets)
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            span = max(cfg.max_steps - cfg.warmup_steps, 1)
+            p = min((step - cfg.warmup_steps) / span, 1.0)
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+        progress = min((step + 1) / cfg.max_steps, 1.0)
+    warm = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
+    return min(warm, decay(progress, cfg, floor))
+
+
+def decay(progress: float, cfg: TrainConfig, floor: float) -> float:
+    """The schedule after warm-up as a function of the budget share spent, 1 -> ``floor``."""
+    p = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+    stable = 1.0 - cfg.cooldown
+    return 1.0 if p <= stable else floor + (1.0 - floor) * (1.0 - p) / cfg.cooldown
+
+
+class Budget:
+    """How long a run trains and how far it is: a step count, a token count (an exact step count
+    once the batch is known) or wall-clock seconds of the training loop (periodic evaluations and
+    checkpoints included, start-up and the final evaluation not), carried across resumes."""
+
+    def __init__(self, cfg: TrainConfig, tokens_per_step: int, spent_s: float = 0.0):
+        self.cfg = cfg
+        self.seconds = cfg.time
+        self.total_steps = None if cfg.time is not None else (
+            math.ceil(cfg.tokens / tokens_per_step) if cfg.tokens is not None else cfg.max_steps)
+        self.spent_before = spent_s
+        self.t0 = time.perf_counter()
+        self.frozen: float | None = None  # the clock stops after the last step (the final eval is not in it)
+        self.step_time = None  # moving average of one step's wall time (time budgets)
+
+    @property
+    def by_time(self) -> bool:
+        return self.seconds is not None
+
+    def elapsed(self) -> float:
+        return self.frozen if self.frozen is not None else self.spent_before + time.perf_counter() - self.t0
+
+    def freeze(self) -> None:
+        self.frozen = self.elapsed()
+
+    def progress(self, step: int) -> float:
+        return self.elapsed() / self.seconds if self.by_time else step / self.total_steps
+
+    def is_last(self, step: int) -> bool:
+        """Whether the step about to run is the last one (a time budget: the next step would not
+        finish within it), so that it runs at the schedule's floor."""
+        if not self.by_time:
+            return step + 1 >= self.total_steps
+        return self.elapsed() + (self.step_time or 0.0) >= self.seconds
+
+    def lr_factor(self, step: int, last: bool, progress: float | None = None) -> float:
+        if not self.by_time and self.cfg.tokens is None:
+            return lr_factor(step, self.cfg)  # bit-identical to a run before budgets existed
+        return lr_factor(step, self.cfg, 1.0 if last else (self.progress(step) if progress is None else progress))
+
+    def next_step(self, step: int, dist: DistInfo, device: torch.device) -> tuple[bool, float]:
+        """(is this the last step, its lr factor). Under DDP a time budget is read off rank 0's
+        clock and broadcast, so every rank applies the same learning rate and stops together."""
+        if not (self.by_time and dist.enabled):
+            last = self.is_last(step)
+            return last, self.lr_factor(step, last)
+        import torch.distributed as tdist
+
+        state = torch.tensor([float(self.is_last(step)), self.progress(step)], dtype=torch.float64, device=device)
+        tdist.broadcast(state, src=0)
+        last = bool(state[0])
+        return last, self.lr_factor(step, last, float(state[1]))
+
+    def record(self, seconds: float) -> None:
+        self.step_time = seconds if self.step_time is None else 0.8 * self.step_time + 0.2 * seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,12 +281,12 @@ class TrainStage(Stage):
 
     def completed(self) -> dict[str, Any] | None:
         """The summary of a run that finished its schedule (its final checkpoint still there)."""
-        try:
-            summary = read_json(self.out_dir / SUMMARY_NAME)
-        except (FileNotFoundError, ValueError):
+        summary = self.read_result(self.out_dir / SUMMARY_NAME)
+        if summary is None:
             return None
         ckpt = summary.get("checkpoint")
-        if summary.get("status") != "completed" or summary.get("step") != self.config.train.max_steps:
+        t = self.config.train
+        if summary.get("status") != "completed" or (t.time is None and t.tokens is None and summary.get("step") != t.max_steps):
             return None
         return summary if ckpt and Path(ckpt).is_file() else None
 
@@ -300,6 +391,38 @@ def starting_point(recipe: TrainRecipe, dataset: Dataset | None, out_dir: Path, 
 # the loop
 
 
+class Health:
+    """Loss, gradient norm and the count of non-finite steps, kept on the device and read (one
+    host-device sync) only when the loop needs them: at log, evaluation and checkpoint steps."""
+
+    def __init__(self, bad_steps: int, device: torch.device):
+        self.total = torch.tensor(bad_steps, dtype=torch.int64, device=device)
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.last = torch.full((2,), float("nan"), device=device)
+        self.seen = bad_steps
+
+    def record(self, stats: torch.Tensor) -> torch.Tensor:
+        """``stats`` = [loss, grad norm]; returns whether this step is non-finite (a device bool)."""
+        bad = ~torch.isfinite(stats).all()
+        self.total += bad
+        self.streak = (self.streak + bad) * bad
+        self.last = stats
+        return bad
+
+    def read(self) -> tuple[float, float, int, int, int]:
+        """(loss, grad norm, non-finite steps in all, in a row now, new since the last read)."""
+        loss, norm, total, streak = torch.cat([self.last.double(), self.total.double().view(1),
+                                               self.streak.double().view(1)]).tolist()
+        new, self.seen = int(total) - self.seen, int(total)
+        return loss, norm, int(total), int(streak), new
+
+
+def _skips_on_device(optimizer: Any, scaler: Any) -> bool:
+    """Fused AdamW takes a ``found_inf`` flag and skips the update on the device itself."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused")) \
+        and not scaler.is_enabled()
+
+
 class StopFlag:
     """SIGINT/SIGTERM set a flag the loop checks after each step (main thread only); a second
     signal stops at once."""
@@ -333,21 +456,27 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """``step 120/480 (25%) | loss 4.21 | ... | 3,300 tok/s | 1m02s, ETA 3m07s``."""
+    """``step 120/480 (25%) | loss 4.21 | ... | 3,300 tok/s | 1m02s, ETA 3m07s`` (a time budget:
+    ``step 120 (25% of 10m)``)."""
 
-    def __init__(self, start_step: int, max_steps: int):
-        self.start_step, self.max_steps = start_step, max_steps
+    def __init__(self, start_step: int, budget: Budget):
+        self.start_step, self.budget = start_step, budget
         self.t0 = time.perf_counter()
 
     def line(self, step: int, loss: float, lr: float, norm: float, tok_s: float, mfu: float | None) -> str:
         elapsed = time.perf_counter() - self.t0
-        done = step - self.start_step
-        eta = elapsed / done * (self.max_steps - step) if done else float("nan")
-        pct = 100 * step / self.max_steps
-        return (f"step {step:>6}/{self.max_steps} ({pct:3.0f}%) | loss {loss:.4f} | lr {lr:.2e} | "
-                f"grad norm {norm:.3f} | {tok_s:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
-                + f" | {_clock(elapsed)}" + (f", ETA {_clock(eta)}" if math.isfinite(eta) and step < self.max_steps
-                                             else ""))
+        b = self.budget
+        if b.by_time:
+            pct, eta = 100 * b.progress(step), max(b.seconds - b.elapsed(), 0.0)
+            where = f"step {step:>6} ({pct:3.0f}% of {b.cfg.budget})"
+        else:
+            done = step - self.start_step
+            pct = 100 * step / b.total_steps
+            eta = elapsed / done * (b.total_steps - step) if done else float("nan")
+            where = f"step {step:>6}/{b.total_steps} ({pct:3.0f}%)"
+        return (f"{where} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {tok_s:,.0f} tok/s"
+                + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "") + f" | {_clock(elapsed)}"
+                + (f", ETA {_clock(eta)}" if math.isfinite(eta) and pct < 100 else ""))
 
 
 def train(
@@ -431,12 +560,13 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
         raise ConfigError("no parameter requires grad: nothing to train")
     dtype = resolve_dtype(cfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, bad_steps, best_val, last_loss, val_loss, run_id = 0, 0, None, float("nan"), None, None
+    step, bad_steps, best_val, last_loss, val_loss, run_id, spent = 0, 0, None, float("nan"), None, None, 0.0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer_state"])
         step = int(resume["step"])
         sched = resume.get("scheduler_state") or {}
         bad_steps = int(sched.get("bad_steps", 0))
+        spent = float(sched.get("budget_spent", 0.0))
         if sched.get("scaler"):
             scaler.load_state_dict(sched["scaler"])
         run_id = resume["lineage"].get("mlflow_run_id")
@@ -447,9 +577,11 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
     # --- data ------------------------------------------------------------------------------------
     if batcher is None:
         batcher = ShardBatcher(dataset, cfg.train_split, block_size, cfg.batch_size, seed=cfg.seed,
-                               rank=dist.rank, world_size=dist.world_size, device=device)
+                               rank=dist.rank, world_size=dist.world_size)
     elif callable(batcher) and not hasattr(batcher, "get_batch"):
         batcher = batcher(dist.rank, dist.world_size, device)
+    if device.type == "cuda":  # the next batch is gathered and copied while this step runs
+        batcher = Prefetcher(batcher, cfg.grad_accum, device)
     if val_source is None and dataset is not None and cfg.val_split in dataset.splits():
         val_source = SplitScorer(dataset, cfg.val_split, block_size, cfg.eval_tokens)
     elif callable(val_source) and not hasattr(val_source, "score"):
@@ -461,7 +593,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
 
     # --- wrappers: compile, DDP ------------------------------------------------------------------
     raw_model = eval_model = model
-    if cfg.compile:
+    if cfg.compile or (cfg.compile is None and device.type == "cuda"):
         model = eval_model = torch.compile(model)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -479,7 +611,9 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
     manager = CheckpointManager(out_dir, keep_last=cfg.keep_last, tokenizer=start.tokenizer) if dist.is_main else None
 
     # a finished run run again: nothing to do (every rank loaded the same checkpoint step)
-    if step >= cfg.max_steps and (out_dir / SUMMARY_NAME).is_file():
+    budget = Budget(cfg, tokens_per_step, spent)
+    spent_all = spent >= budget.seconds if budget.by_time else step >= budget.total_steps
+    if spent_all and (out_dir / SUMMARY_NAME).is_file():
         summary = read_json(out_dir / SUMMARY_NAME)
         if summary.get("step") == step:
             if dist.is_main:
@@ -487,14 +621,14 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             return summary
 
     corpus = ((dataset.manifest.get("config") or {}).get("corpus") or {}).get("name") if dataset else None
-    name = run_name or tracking.run_name(stage, corpus, recipe.label, f"{cfg.max_steps} steps")
+    name = run_name or tracking.run_name(stage, corpus, recipe.label, cfg.budget)
     tags = {tracking.TAG_CORPUS: corpus, tracking.TAG_RECIPE: recipe.label,
             tracking.TAG_DATASET: lineage.get("dataset_fingerprint"), tracking.TAG_DATASET_DIR: lineage.get("dataset_dir"),
             tracking.TAG_TOKENIZER: lineage.get("tokenizer_fingerprint"),
             tracking.TAG_BASE_CHECKPOINT: lineage.get("base_checkpoint")}
     run_ctx = (tracking.stage_run(name, stage=stage, experiment=experiment, run_id=run_id, parent_run_id=parent_run_id,
                                   tags=tags) if dist.is_main else contextlib.nullcontext(None))
-    status, last_norm, tok_s, mfu, ckpt_path = "completed", float("nan"), 0.0, None, None
+    status, last_norm, tok_s, mfu, ckpt_path, streak = "completed", float("nan"), 0.0, None, None, 0
     with run_ctx as mlrun, StopFlag() as stop:
         if mlrun is not None:
             run_id = lineage["mlflow_run_id"] = mlrun.run_id
@@ -508,15 +642,16 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             if resume is not None:
                 mlrun.tags({tracking.TAG_RESUMED_FROM: step})
             print(f"training {raw_model.num_params() / 1e6:.2f}M params on {device} ({dtype}, world "
-                  f"{dist.world_size}), {tokens_per_step} tokens/step, steps {step}->{cfg.max_steps}; "
+                  f"{dist.world_size}), {tokens_per_step} tokens/step, budget {cfg.budget} from step {step}; "
                   f"run dir {out_dir}; MLflow run {run_id}", flush=True)
 
         def save(at_step: int, v_loss: float | None) -> Path | None:
-            if manager is None:
+            if manager is None or streak:  # never a checkpoint from inside a non-finite streak
                 return None
             return manager.save(
                 at_step, model_state=raw_model.state_dict(), optimizer_state=optimizer.state_dict(),
-                scheduler_state={"step": at_step, "lr_factor": lr_factor(at_step, cfg), "bad_steps": bad_steps,
+                scheduler_state={"step": at_step, "lr_factor": factor, "bad_steps": bad_steps,
+                                 "budget_spent": budget.elapsed(),
                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None},
                 data_state=batcher.state_dict(), rng_state=capture_rng_state(),
                 config={"model": model_cfg.to_dict(), "train": cfg.to_dict()}, lineage=lineage,
@@ -526,11 +661,16 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             restore_rng_state(resume["rng_state"])
             resume = start.resume = None  # free the host copy of the weights/optimizer before training
         model.train()
-        consecutive_bad, window_tokens, window_time = 0, 0, 0.0
-        progress = Progress(step, cfg.max_steps)
-        while step < cfg.max_steps:
+        window_tokens, window_time = 0, 0.0
+        health = Health(bad_steps, device)
+        skip_on_device = _skips_on_device(optimizer, scaler)
+        sync_every = min(cfg.log_every, cfg.max_bad_steps)
+        budget.t0 = time.perf_counter()  # the budget's clock runs from here (start-up is not in it)
+        progress = Progress(step, budget)
+        finished, factor = False, budget.lr_factor(step, False)
+        while not finished:
             t0 = time.perf_counter()
-            factor = lr_factor(step, cfg)
+            finished, factor = budget.next_step(step, dist, device)
             for g, base_lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base_lr * factor
             loss_sum = torch.zeros((), device=device)
@@ -545,33 +685,42 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            stats = all_reduce(torch.stack([loss_sum.float(), norm.float().to(device)]), "avg")
-            last_loss, last_norm = float(stats[0]), float(stats[1])
-            finite = math.isfinite(last_loss) and (math.isfinite(last_norm) or scaler.is_enabled())
-            if finite:
+            bad = health.record(all_reduce(torch.stack([loss_sum.float(), norm.float().to(device)]), "avg"))
+            if skip_on_device:  # fused AdamW skips a non-finite step itself: no host-device sync
+                optimizer.grad_scale, optimizer.found_inf = None, bad.float()
+                optimizer.step()
+            elif not bool(bad):  # other optimizers, or fp16's scaler, decide on the host
                 scaler.step(optimizer)
-                consecutive_bad = 0
-            else:
-                bad_steps, consecutive_bad = bad_steps + 1, consecutive_bad + 1
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            budget.record(time.perf_counter() - t0)
+            if finished:
+                budget.freeze()
             window_time += time.perf_counter() - t0
             window_tokens += tokens_per_step
 
-            if not finite and dist.is_main:
-                print(f"step {step}: non-finite loss {last_loss} / grad norm {last_norm}: update skipped "
-                      f"({consecutive_bad} in a row, {bad_steps} in all)", flush=True)
-            if consecutive_bad >= cfg.max_bad_steps:
+            # the step's numbers stay on the device; they are read here, every few steps
+            due = lambda every: bool(every) and step % every == 0  # noqa: E731
+            out_of_time = cfg.max_minutes is not None and time.time() - t_start > cfg.max_minutes * 60
+            if not (finished or due(sync_every) or due(cfg.ckpt_every) or due(cfg.eval_every)
+                    or step == progress.start_step + 1 or stop.signal is not None or out_of_time):
+                continue
+            last_loss, last_norm, bad_steps, streak, new_bad = health.read()
+            if new_bad and dist.is_main:
+                print(f"step {step}: {new_bad} step(s) with a non-finite loss or gradient norm skipped "
+                      f"({streak} in a row, {bad_steps} in all; last loss {last_loss}, grad norm {last_norm})",
+                      flush=True)
+            if streak >= cfg.max_bad_steps:
                 if mlrun is not None:
                     mlrun.metrics({tracking.BAD_STEPS: bad_steps}, step=step)
                     mlrun.tags({tracking.TAG_STATUS: "diverged"})
                 raise TrainingDiverged(
-                    f"stopping at step {step}: {consecutive_bad} consecutive steps with non-finite loss or gradient "
+                    f"stopping at step {step}: {streak} consecutive steps with non-finite loss or gradient "
                     f"norm (loss {last_loss}, grad norm {last_norm}); lower the learning rate (train.lr={cfg.lr}) or "
                     f"raise train.warmup_steps. The last good checkpoint is {manager.latest() if manager else 'on rank 0'}")
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps or step == progress.start_step + 1:
+            if step % cfg.log_every == 0 or finished or step == progress.start_step + 1:
                 tok_s = window_tokens / max(window_time, 1e-9)
                 mfu = tok_s * flops_per_token / (peak * dist.world_size) if peak else None
                 window_tokens, window_time = 0, 0.0
@@ -582,7 +731,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                     print(progress.line(step, last_loss, cfg.lr * factor, last_norm, tok_s, mfu), flush=True)
 
             evaluated = None
-            if val_source is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            if val_source is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or finished):
                 result = val_source.score(eval_model, device=device, dtype=dtype, dist=dist)
                 evaluated = val_loss = result["loss"]
                 if math.isfinite(evaluated) and (best_val is None or evaluated < best_val):
@@ -594,15 +743,15 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                     print(f"step {step:>6} | val loss {evaluated:.4f}" + (f" | val bpb {bpb:.4f}" if bpb else ""),
                           flush=True)
 
-            if mlrun is not None and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.max_steps:
+            if mlrun is not None and cfg.sample_every and step % cfg.sample_every == 0 and not finished:
                 if text := _samples(raw_model, start.tokenizer, cfg, device):
                     mlrun.text(text, f"samples/step-{step:08d}.txt")
 
-            flags = [stop.signal is not None, cfg.max_minutes is not None and time.time() - t_start > cfg.max_minutes * 60]
+            flags = [stop.signal is not None, out_of_time]
             if dist.enabled:  # every rank stops at the same step
                 flags = [bool(f) for f in all_reduce(torch.tensor(flags, dtype=torch.float32, device=device), "max")]
-            stopping = any(flags)
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps or stopping:
+            stopping = any(flags) and not finished
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or finished or stopping:
                 ckpt_path = save(step, evaluated)
             if stopping:
                 status = "interrupted" if flags[0] else "time_limit"
@@ -614,7 +763,9 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
         if ckpt_path is None and manager is not None:
             ckpt_path = manager.latest()
         summary: dict[str, Any] = {
-            "status": status, "step": step, "max_steps": cfg.max_steps, "train_loss": last_loss,
+            "status": status, "step": step, "max_steps": budget.total_steps, "budget": cfg.budget,
+            "budget_spent_s": budget.elapsed(), "budget_done": status == "completed", "final_lr": cfg.lr * factor,
+            "train_loss": last_loss,
             "val_loss": val_loss, "best_val_loss": best_val, "grad_norm": last_norm, "tokens_per_s": tok_s,
             "mfu": mfu, "bad_steps": bad_steps, "tokens_per_step": tokens_per_step,
             "out_dir": str(out_dir.resolve()),

@@ -106,7 +106,7 @@ class NearDupIndex:
     def __len__(self) -> int:
         return len(self._signatures)
 
-    def minhash(self, text: str) -> "MinHash | None":  # noqa: F821
+    def minhash(self, text: str):
         """The MinHash of ``text``, or None when it has no shingle."""
         hashes = shingle_hashes(text, self.cfg)
         if not hashes:

@@ -186,3 +186,126 @@ def test_muon_takes_block_matrices_and_adamw_the_rest_and_both_train():
     opt2 = GPT(tiny()).configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu", muon=True)
     opt2.load_state_dict(sd)
     assert len(opt2.param_groups) == len(opt.param_groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama-shaped options: SwiGLU, grouped-query attention, QK-norm
+
+
+def test_swiglu_hidden_size_follows_the_llama_rule_and_sets_the_parameter_count():
+    # 2/3 * 4 * 768 = 2048 exactly; 2/3 * 4 * 256 = 682.7 -> 704, the next multiple of 64
+    assert GPTConfig(n_embd=768, mlp="swiglu").hidden_dim == 2048
+    assert GPTConfig(n_embd=256, n_head=4, mlp="swiglu").hidden_dim == 704
+    assert GPTConfig(n_embd=256, n_head=4, mlp="swiglu", mlp_hidden=100).hidden_dim == 100
+    assert GPTConfig(n_embd=256, n_head=4).hidden_dim == 1024  # gelu: ratio * n_embd, as before
+    cfg = tiny(mlp="swiglu")
+    m = GPT(cfg)
+    mlp = m.transformer.h[0].mlp
+    assert mlp.c_gate.weight.shape == mlp.c_fc.weight.shape == (cfg.hidden_dim, 32)
+    assert mlp.c_proj.weight.shape == (32, cfg.hidden_dim)
+    per_block_gelu = sum(p.numel() for p in GPT(tiny()).transformer.h[0].mlp.parameters())
+    per_block_swiglu = sum(p.numel() for p in mlp.parameters())
+    assert per_block_gelu == 2 * 32 * 128 and per_block_swiglu == 3 * 32 * cfg.hidden_dim
+
+
+def test_swiglu_computes_silu_gate_times_up_projection():
+    torch.manual_seed(0)
+    mlp = GPT(tiny(mlp="swiglu")).transformer.h[0].mlp
+    x = torch.randn(2, 5, 32)
+    expected = mlp.c_proj(F.silu(x @ mlp.c_gate.weight.T) * (x @ mlp.c_fc.weight.T))
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_grouped_query_attention_shrinks_key_value_projections_and_the_cache():
+    cfg = tiny(n_head=4, n_kv_head=2, n_embd=64)
+    m = GPT(cfg)
+    # q: 4 heads of 16, k and v: 2 heads of 16 each
+    assert m.transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * 2) * 16, 64)
+    mha = GPT(tiny(n_head=4, n_embd=64))
+    assert mha.num_params() - m.num_params() == 2 * 2 * (2 * 16 * 64)  # 2 layers, k and v
+    cache = m.make_kv_cache(3)
+    assert cache.k.shape == (2, 3, 2, 32, 16)
+
+
+def test_grouped_query_attention_equals_multi_head_attention_with_shared_key_value_heads():
+    # a GQA model is exactly an MHA model whose consecutive query heads share copies of one
+    # key/value head (the grouping Hugging Face's repeat_kv and llama.cpp use too)
+    torch.manual_seed(0)
+    gqa = GPT(tiny(n_head=4, n_kv_head=2, n_embd=64)).eval()
+    mha = GPT(tiny(n_head=4, n_embd=64)).eval()
+    state = gqa.state_dict()
+    for i in range(2):
+        w = state[f"transformer.h.{i}.attn.c_attn.weight"]
+        q, k, v = w.split([64, 32, 32])
+        k, v = (t.view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64) for t in (k, v))
+        state[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([q, k, v])
+    mha.load_state_dict(state)
+    x = torch.randint(0, 97, (2, 20))
+    torch.testing.assert_close(gqa(x, x)[0], mha(x, x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_n_head_must_be_a_multiple_of_n_kv_head():
+    with pytest.raises(ValueError, match="n_head=4 is not divisible by n_kv_head=3"):
+        GPTConfig(n_embd=64, n_head=4, n_kv_head=3)
+
+
+@pytest.mark.parametrize("kw", [dict(n_kv_head=1), dict(n_kv_head=2, mlp="swiglu"),
+                                dict(n_kv_head=2, qk_norm=True, mlp="swiglu", tie_embeddings=False)])
+def test_cached_forward_equals_full_forward_with_llama_options(kw):
+    torch.manual_seed(0)
+    m = GPT(tiny(n_head=4, n_embd=64, **kw)).eval()
+    x = torch.randint(0, 97, (2, 30))
+    full, _ = m(x, x)
+    cache = m.make_kv_cache(2)
+    parts = [m(x[:, :11], kv_cache=cache)[0], m(x[:, 11:19], kv_cache=cache)[0]]
+    parts += [m(x[:, t:t + 1], kv_cache=cache)[0] for t in range(19, 30)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_qk_norm_makes_attention_independent_of_the_scale_of_queries_and_keys():
+    torch.manual_seed(0)
+    m = GPT(tiny(qk_norm=True)).eval()
+    assert m.transformer.h[0].attn.q_norm.weight.shape == (16,)
+    x = torch.randint(0, 97, (2, 12))
+    before, _ = m(x, x)
+    with torch.no_grad():
+        m.transformer.h[0].attn.c_attn.weight[:64].mul_(7.0)  # q and k rows
+    after, _ = m(x, x)
+    torch.testing.assert_close(after, before, atol=2e-4, rtol=0)  # only the norm's eps differs
+    plain = GPT(tiny()).eval()  # without qk_norm the same change moves the logits
+    before, _ = plain(x, x)
+    with torch.no_grad():
+        plain.transformer.h[0].attn.c_attn.weight[:64].mul_(7.0)
+    assert (plain(x, x)[0] - before).abs().max() > 1e-2
+
+
+def test_default_config_keeps_the_original_module_layout_so_old_checkpoints_load():
+    # a checkpoint written before these options has no such keys in its config and these
+    # weight names and shapes; the defaults must rebuild exactly that model
+    old_config = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32, mlp_ratio=4.0, dropout=0.0,
+                      bias=False, tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5)
+    m = GPT(GPTConfig.load(old_config))
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes["transformer.h.0.attn.c_attn.weight"] == (96, 32)
+    assert shapes["transformer.h.0.mlp.c_fc.weight"] == (128, 32)
+    assert not any("c_gate" in k or "_norm" in k for k in shapes)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_llama_shaped_model_learns_a_repeating_sequence_with_muon():
+    torch.manual_seed(0)
+    m = GPT(tiny(n_head=4, n_embd=64, n_kv_head=2, mlp="swiglu", qk_norm=True, tie_embeddings=False))
+    opt = m.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu", muon=True)
+    assert id(m.transformer.h[0].mlp.c_gate.weight) in {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    losses = _train(m, opt, 40)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_model_options_are_settable_from_the_command_line_spec():
+    from llmforge.model.gpt import ModelSpec, resolve_model
+
+    spec = ModelSpec.load({"preset": "tiny", "mlp": "swiglu", "n_kv_head": 2, "qk_norm": True})
+    cfg = resolve_model(spec, vocab_size=300)
+    assert (cfg.mlp, cfg.kv_heads, cfg.qk_norm, cfg.hidden_dim) == ("swiglu", 2, True, 704)
+    with pytest.raises(ValueError, match="mlp"):
+        ModelSpec.load({"mlp": "relu"})

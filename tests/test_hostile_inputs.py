@@ -7,7 +7,6 @@ import bz2
 import gzip
 import io
 import json
-import logging
 import lzma
 import os
 import socket
@@ -255,7 +254,7 @@ def test_symlink_outside_root_is_skipped_and_named(corpus_dir):
     assert any(e.startswith(f"{corpus_dir / 'linked_dir'}: symlink to directory") for e in stats.errors)
 
 
-def test_stage_file_selection_excludes_links_and_reports_them(corpus_dir, tmp_path, caplog):
+def test_stage_file_selection_excludes_links_and_reports_them(corpus_dir, tmp_path):
     assert [f[0] for f in select_files(corpus_dir, [], [])] == ["a.txt", "sub/b.txt"]
     scan = scan_directory(corpus_dir, ["*.txt", "sub/*"], [])
     assert [f[0] for f in scan.files] == ["a.txt", "sub/b.txt"]

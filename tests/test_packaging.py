@@ -92,5 +92,5 @@ def test_wheel_installs_one_package_and_runs_prepare_and_train_outside_the_repo(
     (data,) = (work / "shards" / "quickstart").glob("tokens-*")
     train = run("train", "--data", str(data), "--preset", "tiny", "--max-steps", "20", "--batch-size", "4",
                 "--block-size", "64", "--eval-every", "0", "--eval-tokens", "4096", "--log-every", "10")
-    assert "completed at step 20/20" in train.stdout
+    assert "completed at step 20 (budget 20 steps" in train.stdout
     assert list((work / "runs").glob("train-tiny-*/ckpt-00000020.pt"))

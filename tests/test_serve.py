@@ -35,11 +35,12 @@ KEY = "sk-test-0123456789"
 NAME = "tiny-chat"
 
 
-def make_checkpoint(path: Path, proto: bytes, *, block_size: int, template: str | None = CHAT_TEMPLATE) -> Path:
+def make_checkpoint(path: Path, proto: bytes, *, block_size: int, template: str | None = CHAT_TEMPLATE,
+                    **shape) -> Path:
     torch.manual_seed(0)
     # vocabulary padded past the tokenizer's 400 pieces (as real runs pad to a multiple of 64)
-    model = GPT(GPTConfig(vocab_size=448, block_size=block_size, n_layer=2, n_head=4, n_embd=64,
-                          tie_embeddings=False))
+    model = GPT(GPTConfig(**{"vocab_size": 448, "block_size": block_size, "n_layer": 2, "n_head": 4, "n_embd": 64,
+                             "tie_embeddings": False, **shape}))
     with torch.no_grad():
         model.lm_head.weight.mul_(10)  # decisive greedy choices, not near-ties
     return save_checkpoint(path, model_state=model.state_dict(), optimizer_state=None, scheduler_state=None, step=7,
@@ -270,14 +271,16 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_ctrl_c_stops_the_server(
         s.listen()
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_a_batched_step_gives_each_sequence_exactly_its_logits_alone(proto, bias):
+@pytest.mark.parametrize("shape", [{}, {"bias": True}, {"mlp": "swiglu", "n_kv_head": 2, "qk_norm": True}],
+                         ids=["gpt", "bias", "llama-gqa-qknorm"])
+def test_a_batched_step_gives_each_sequence_exactly_its_logits_alone(proto, shape):
     """The engine's batched step: whatever shares the batch, in whatever order, a sequence's
-    logits are bit for bit those of GPT.forward on it alone (so served text is generate()'s)."""
+    logits are bit for bit those of GPT.forward on it alone (so served text is generate()'s),
+    for every model shape GPT has."""
     from llmforge.model.generate import forward_rows
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=448, block_size=64, n_layer=2, n_head=4, n_embd=64, bias=bias)).eval()
+    model = GPT(GPTConfig(vocab_size=448, block_size=64, n_layer=2, n_head=4, n_embd=64, **shape)).eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 448, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 63)]
 
@@ -317,5 +320,23 @@ def test_chat_endpoint_needs_a_model_with_a_chat_template(tmp_path, proto):
         with pytest.raises(openai.BadRequestError, match="has no chat template"):
             server.client().chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}])
         assert server.client().completions.create(model="plain", prompt="The", max_tokens=3).usage.completion_tokens
+    finally:
+        server.stop()
+
+
+def test_an_hf_export_directory_is_served_and_chats_like_llmforge_generate_on_it(tmp_path, proto, capsys):
+    from llmforge.model.export import ExportConfig, ExportStage
+
+    ckpt = make_checkpoint(tmp_path / "llama.pt", proto, block_size=128, mlp="swiglu", n_kv_head=2)
+    out = tmp_path / "llama-hf"
+    ExportStage(ckpt, ExportConfig(format="hf"), out=out).run()  # carries the chat template
+    server = Server(out)
+    try:
+        question = "What is the cat?"
+        r = server.client().chat.completions.create(model="llama-hf", messages=[{"role": "user", "content": question}],
+                                                    max_tokens=30, temperature=0)
+        expected = generate_text(out, format_prompt(question), 30, capsys, "--temperature", "0")
+        assert r.choices[0].message.content == expected and len(expected) > 5
+        assert expected == generate_text(ckpt, format_prompt(question), 30, capsys, "--temperature", "0")
     finally:
         server.stop()

@@ -236,12 +236,13 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path: Path, data: Path) -> N
     batcher = MaskedAt(ShardBatcher(ds, "train", 32, 4, seed=cfg.train.seed), {3})
     s = train(cfg, data, tmp_path / "run", batcher=batcher)
     assert s["status"] == "completed" and s["step"] == 6 and s["bad_steps"] == 1
-    w3 = load_checkpoint(tmp_path / "run" / "ckpt-00000003.pt")["model_state"]
-    w4 = load_checkpoint(tmp_path / "run" / "ckpt-00000004.pt")["model_state"]
-    w5 = load_checkpoint(tmp_path / "run" / "ckpt-00000005.pt")["model_state"]
-    assert all(torch.equal(w3[k], w4[k]) for k in w3)  # step 4 (0-based 3) changed nothing
-    assert not all(torch.equal(w4[k], w5[k]) for k in w4)  # and training went on
-    assert all(torch.isfinite(v).all() for v in w5.values())
+    assert not (tmp_path / "run" / "ckpt-00000004.pt").exists()  # no checkpoint from inside a non-finite streak
+    w3 = load_checkpoint(tmp_path / "run" / "ckpt-00000003.pt")
+    w5 = load_checkpoint(tmp_path / "run" / "ckpt-00000005.pt")
+    adam_steps = {int(v["step"]) for v in w5["optimizer_state"]["state"].values()}
+    assert adam_steps == {4}  # five steps, one of them skipped: the optimizer took four
+    assert not all(torch.equal(w3["model_state"][k], w5["model_state"][k]) for k in w3["model_state"])
+    assert all(torch.isfinite(v).all() for v in w5["model_state"].values())
 
 
 def test_diverging_run_stops_and_keeps_last_good_checkpoint(tmp_path: Path, data: Path) -> None:
@@ -337,6 +338,70 @@ def test_schedule_warms_up_linearly_then_decays_to_min_lr() -> None:
     assert lr_factor(110, cfg) == pytest.approx(0.1) and lr_factor(500, cfg) == pytest.approx(0.1)
     factors = [lr_factor(s, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+@pytest.mark.parametrize("schedule", ["wsd", "cosine"])
+def test_schedule_on_a_budget_warms_up_holds_then_decays_to_the_floor(schedule) -> None:
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, time="10m", schedule=schedule, cooldown=0.25)
+    assert [lr_factor(s, cfg, 0.0) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # warm-up by steps
+    if schedule == "wsd":
+        assert lr_factor(50, cfg, 0.30) == lr_factor(80, cfg, 0.75) == 1.0  # stable until the last 25%
+        assert lr_factor(90, cfg, 0.875) == pytest.approx(0.55)  # halfway down the linear cool-down
+    else:
+        assert lr_factor(50, cfg, 0.5) == pytest.approx(0.55)  # cosine on the share of the budget spent
+    assert lr_factor(99, cfg, 1.0) == pytest.approx(0.1)  # the last step runs at the floor
+    factors = [lr_factor(20, cfg, p / 100) for p in range(0, 101)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert TrainConfig(time="1h30m").time == 5400 and TrainConfig(tokens="2.5M").tokens == 2_500_000
+    assert TrainConfig(time="10m").budget == "10m" and TrainConfig(tokens="200M").budget == "200M tokens"
+    with pytest.raises(ConfigError, match="one budget"):
+        TrainConfig.load({"time": "1m", "tokens": 1000})
+
+
+def test_token_budget_is_an_exact_step_count(tmp_path: Path, data: Path) -> None:
+    s = train(small_cfg(tokens=20 * 4 * 32 - 5, sample_prompts=[], log_every=5), data, tmp_path / "run")
+    assert s["status"] == "completed" and s["step"] == 20 and s["max_steps"] == 20
+    assert s["final_lr"] == pytest.approx(3e-4)  # min_lr defaults to lr / 10
+
+
+TIME_ARGS = ["--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "model.n_head=2", "--block-size", "32",
+             "--batch-size", "4", "--log-every", "1", "--eval-every", "0", "--eval-tokens", "2048", "--ckpt-every", "1",
+             "--keep-last", "2", "--sample-tokens", "0", "--no-prefect", "--device", "cpu", "--warmup-steps", "2"]
+
+
+@pytest.mark.slow
+def test_time_budget_ends_decayed_and_a_kill_at_half_finishes_the_same_schedule(tmp_path: Path, data: Path) -> None:
+    budget = 12.0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "llmforge", "train", "--data", str(data), "--out", str(tmp_path / "run"),
+           "--time", f"{budget:g}s", *TIME_ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines = []
+    for line in proc.stdout:  # kill it (no checkpoint on the way out) once half the budget is spent
+        lines.append(line)
+        if " of 12s)" in line and int(line.split("(")[1].split("%")[0]) >= 50:
+            proc.kill()
+            break
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-2000:]
+    ckpt = load_checkpoint(CheckpointManager(tmp_path / "run").latest())
+    spent = ckpt["scheduler_state"]["budget_spent"]
+    assert 0.3 * budget < spent < budget
+    lr_at_kill = ckpt["scheduler_state"]["lr_factor"]
+
+    t0 = time.monotonic()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["budget_done"]
+    assert summary["final_lr"] == pytest.approx(1e-4)  # the floor: min_lr = lr / 10 (lr 1e-3)
+    assert 0.8 * budget <= summary["budget_spent_s"] < budget + 5  # the rest of the budget, not a new one
+    assert time.monotonic() - t0 < (budget - spent) + 60  # start-up and one final evaluation on top
+    last_write = {m.step: m.value for m in sorted(client().get_metric_history(summary["mlflow_run_id"], "lr"),
+                                                  key=lambda m: (m.step, m.timestamp))}  # the resumed run's
+    lrs = [v for step, v in sorted(last_write.items()) if step > ckpt["step"]]
+    assert lrs and lrs[0] <= 1e-3 * lr_at_kill + 1e-9  # continued the decay: no new warm-up
+    assert all(a >= b - 1e-12 for a, b in zip(lrs, lrs[1:]))
 
 
 def test_init_from_starts_from_its_weights_with_a_fresh_optimizer(tmp_path: Path, data: Path) -> None:

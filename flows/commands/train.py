@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
 def _report(summary: dict, stage) -> None:
     from llmforge.console import say
 
-    say(f"\n{summary['status']} at step {summary['step']}/{summary['max_steps']}")
+    say(f"\n{summary['status']} at step {summary['step']} (budget {summary.get('budget')}, final lr "
+        f"{summary.get('final_lr', float('nan')):.2e})")
     say(f"  checkpoints: {summary['out_dir']} (latest {summary['checkpoint']}, best {summary['best_checkpoint']})")
     say(f"  MLflow run:  {summary['mlflow_run_id']} in experiment {summary['experiment']!r}")
     if summary["status"] != "completed":
