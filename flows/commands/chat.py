@@ -28,8 +28,8 @@ HELP = "chat with a model (its stored chat template, streamed, history within th
 def configure(p: argparse.ArgumentParser) -> None:
     from llmforge.model.generate import SamplingConfig
 
-    p.add_argument("model", help="a checkpoint (a fine-tune's model.pt, best.pt), a run directory, or "
-                   "models:/NAME/VERSION")
+    p.add_argument("model", help="a checkpoint (a fine-tune's model.pt, best.pt), a run directory, an "
+                   "`llmforge export --format hf` directory, or models:/NAME/VERSION")
     p.add_argument("--system", default=None, help="a system message put before the conversation")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="longest reply in tokens (default: half the model's context, at most 256)")

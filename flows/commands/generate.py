@@ -25,7 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     from llmforge.model.generate import SamplingConfig
 
     p.add_argument("checkpoint", help="a checkpoint file (best.pt, ckpt-*.pt, a fine-tune's model.pt), a run directory, "
-                   "or a registered model (models:/NAME/VERSION)")
+                   "an `llmforge export --format hf` directory, or a registered model (models:/NAME/VERSION)")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default: 200)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda[:N]")

@@ -26,8 +26,8 @@ HELP = "serve a model over HTTP with the OpenAI API (completions, chat, streamin
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a checkpoint (a fine-tune's model.pt, best.pt), a run directory, or "
-                   "models:/NAME/VERSION")
+    p.add_argument("model", help="a checkpoint (a fine-tune's model.pt, best.pt), a run directory, an "
+                   "`llmforge export --format hf` directory, or models:/NAME/VERSION")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--api-key", default=os.environ.get("LLMFORGE_API_KEY"),
