@@ -14,7 +14,8 @@ import sys
 import traceback
 
 # order = order in --help; each name is a module in flows/commands
-COMMANDS = ["prepare", "train", "generate", "evaluate", "finetune", "export", "pipeline", "runs"]
+COMMANDS = ["prepare", "train", "generate", "chat", "serve", "evaluate", "finetune", "export", "pipeline",
+            "runs"]
 
 
 class Parser(argparse.ArgumentParser):

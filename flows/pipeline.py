@@ -1,4 +1,5 @@
-"""The whole DAG as one flow: prepare -> train -> evaluate -> finetune (optional) -> evaluate.
+"""The whole DAG as one flow: prepare -> train -> evaluate -> finetune (optional) -> evaluate
+(-> register, optional).
 
 Each stage is a subflow that skips itself when its output is complete, so re-running (or
 retrying) a failed pipeline run redoes only what is missing, and training continues from its
@@ -47,19 +48,22 @@ def pipeline_flow(
     shards: str = "shards",
     runs: str = "runs",
     experiment: str = tracking.EXPERIMENT,
+    register: str | None = None,
 ) -> dict:
     """Corpus to evaluated (and optionally fine-tuned) model.
 
     ``recipe``: a training recipe (name in configs/train or a YAML path); ``preset``, ``model``
     and ``train`` override it (``train={"max_steps": 2000}``); ``evaluate``: EvalConfig fields;
     ``finetune``: ``None`` to skip, or FinetuneConfig fields with one data source
-    (``{"sft": PATH, "mode": "lora", "train": {"max_steps": 200}}``).
+    (``{"sft": PATH, "mode": "lora", "train": {"max_steps": 200}}``); ``register``: a registered
+    model name in MLflow under which the final (fine-tuned if any) model becomes a new version.
     """
     from prefect.runtime import flow_run
 
     t0 = time.time()
     params = {"corpus": corpus, "recipe": recipe, "preset": preset, "model": model or {}, "train": train or {},
-              "evaluate": evaluate or {}, "finetune": finetune or {}, "vocab_size": vocab_size, "nproc": nproc}
+              "evaluate": evaluate or {}, "finetune": finetune or {}, "vocab_size": vocab_size, "nproc": nproc,
+              "register": register}
     label = Path(recipe or preset or "tiny").stem
     corpus_name = Path(corpus).stem if corpus.endswith((".yaml", ".yml")) else corpus
     parent = tracking.pipeline_run(experiment, tracking.run_name("pipeline", corpus_name, label), params,
@@ -67,7 +71,7 @@ def pipeline_flow(
                                                                  tracking.TAG_RECIPE: label})
     metrics: dict[str, float | None] = {}
     rows: list[tuple[str, str]] = []
-    ckpt = ft_model = data_dir = None
+    ckpt = ft_model = data_dir = registered = None
     status = "FINISHED"
     try:
         prepared = prepare_flow(corpus=corpus, out=shards, vocab_size=vocab_size, workers=workers,
@@ -109,13 +113,35 @@ def pipeline_flow(
                                     parent_run_id=parent.run_id)
             metrics.update(eval_metrics(ft_eval, "val", prefix="ft/"))
             rows.append(("evaluate finetuned", ft_eval.get("out") or "done"))
+
+        if register:
+            source_run = ft_summary["mlflow_run_id"] if ft_model else summary["mlflow_run_id"]
+            version = _register(register, ft_model or ckpt, source_run, data_dir, parent.run_id,
+                                metrics.get(f"{'ft/' if ft_model else ''}{tracking.VAL_BPB}"))
+            parent.tags({"llmforge.registered_model": version["uri"]})
+            registered = version["uri"]
+            rows.append(("register", registered))
     except KeyboardInterrupt:
         _finish(parent, metrics, rows, "KILLED", t0, data_dir, ckpt, ft_model)
         raise
     except BaseException:
         _finish(parent, metrics, rows, "FAILED", t0, data_dir, ckpt, ft_model)
         raise
-    return _finish(parent, metrics, rows, status, t0, data_dir, ckpt, ft_model)
+    return {**_finish(parent, metrics, rows, status, t0, data_dir, ckpt, ft_model), "registered": registered}
+
+
+def _register(name: str, checkpoint: str, run_id: str, data_dir: str, pipeline_run_id: str,
+              val_bpb: float | None) -> dict:
+    """The final model as a version of registered model ``name``, with its lineage: the run that
+    made it (which already holds it as its MLflow model), the pretraining dataset, the tokenizer
+    and the bits per byte this pipeline measured."""
+    from llmforge.pipeline.shards import Dataset
+
+    version = tracking.log_model(checkpoint, run_id=run_id, register=name, tags={
+        tracking.TAG_DATASET: Dataset.open(data_dir).fingerprint, "llmforge.val_bpb": val_bpb,
+        "llmforge.pipeline_run": pipeline_run_id})
+    say(f"registered {version['uri']} (from run {run_id})" + ("" if version["created"] else ", already there"))
+    return version
 
 
 def _finish(parent: tracking.StageRun, metrics: dict, rows: list, status: str, t0: float, data_dir: Any, ckpt: Any,

@@ -192,8 +192,9 @@ def finetune(stage: FinetuneStage, *, experiment: str = tracking.EXPERIMENT,
     block_size = min(cfg.train.block_size or base_cfg.block_size, base_cfg.block_size)
     tok_bytes = tokenizer_bytes(base)
     data_info: dict[str, Any] = {"identity": data_id}
-    tcfg = cfg.train.model_copy(update={"block_size": block_size, "warmup_steps": min(cfg.train.warmup_steps,
-                                                                                        cfg.train.max_steps)})
+    # the run's MLflow model is the merged model.pt (logged below), not the loop's last checkpoint
+    tcfg = cfg.train.model_copy(update={"block_size": block_size, "log_checkpoints": False,
+                                        "warmup_steps": min(cfg.train.warmup_steps, cfg.train.max_steps)})
     train_kwargs: dict[str, Any] = {}
     if stage.dataset is not None:
         from llmforge.pipeline.tokenizer import Tokenizer
@@ -263,6 +264,8 @@ def finetune(stage: FinetuneStage, *, experiment: str = tracking.EXPERIMENT,
                   "llmforge.finetune_mode": cfg.mode})
         run.params({"finetune": {k: v for k, v in cfg.key_dict().items() if k not in ("train", "model")},
                     "data": {k: v for k, v in data_info.items() if not isinstance(v, (dict, list))}})
+        if cfg.train.log_checkpoints:
+            out["model_uri"] = run.model(result["model"])["model_uri"]
         run.json(out, SUMMARY_NAME)
     atomic_write_json(out_dir / SUMMARY_NAME, out)
     return out
@@ -287,11 +290,16 @@ def export_model(final: Path, out_dir: Path, cfg: FinetuneConfig) -> dict[str, P
         merge_lora(model)
     else:
         model.load_state_dict(ckpt["model_state"])
+    extra = {**(ckpt.get("extra") or {}), "finetune_mode": cfg.mode, "merged_lora": cfg.mode == "lora"}
+    if cfg.sft:  # instruction-tuned: `llmforge chat` / `serve` lay conversations out as it was trained
+        from llmforge.model.chat import TEMPLATE_KEY
+        from llmforge.model.sft import CHAT_TEMPLATE
+
+        extra[TEMPLATE_KEY] = CHAT_TEMPLATE
     paths["model"] = save_checkpoint(
         out_dir / MODEL_NAME, model_state=model.state_dict(), optimizer_state=None, scheduler_state=None,
         step=ckpt["step"], data_state={}, rng_state=ckpt["rng_state"], config=ckpt["config"],
-        lineage=ckpt["lineage"], tokenizer=ckpt.get("tokenizer"), val_loss=ckpt.get("val_loss"),
-        extra={**(ckpt.get("extra") or {}), "finetune_mode": cfg.mode, "merged_lora": cfg.mode == "lora"},
+        lineage=ckpt["lineage"], tokenizer=ckpt.get("tokenizer"), val_loss=ckpt.get("val_loss"), extra=extra,
     )
     return paths
 

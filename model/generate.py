@@ -10,20 +10,26 @@ computed with the earlier context still visible), so we re-prefill: the cache is
 refilled from the last ``REFILL_FRACTION * block_size`` tokens, after which single-token steps
 resume until it fills again. The model then sees between 3/4 and all of a block of context,
 where the uncached path always sees a full block; the two may diverge from that point on.
+
+Also here: :func:`load_model`, the one way commands and the server get a model (a checkpoint, a
+run directory or ``models:/NAME/VERSION``); :class:`IncrementalDecoder` and :class:`StopText` for
+streaming text; :func:`forward_rows`, a decoding step for several sequences in one pass.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from llmforge.config import Config
 from llmforge.errors import CheckpointError
 from llmforge.model.checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint
-from llmforge.model.gpt import GPT, GPTConfig, KVCache
+from llmforge.model.gpt import GPT, GPTConfig, KVCache, apply_rotary
 from llmforge.model.runtime import resolve_device
 
 REFILL_FRACTION = 0.75  # share of block_size kept when a full KV cache is re-prefilled
@@ -178,6 +184,43 @@ class IncrementalDecoder:
         return delta
 
 
+class StopText:
+    """The text of a reply as it streams, cut at the first stop string: :meth:`push` returns what
+    is safe to send (text that could still turn out to begin a stop string is held back) and
+    whether a stop string has appeared; the stop string itself is never sent."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()) -> None:
+        self.decoder = IncrementalDecoder(decode)
+        self.stops = [s for s in stops if s]
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # how much of it went out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        return self._advance(self.decoder.push(token), final=False)
+
+    def flush(self) -> str:
+        return self._advance(self.decoder.flush(), final=True)
+
+    def _advance(self, delta: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+        self.text += delta
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            end = min(hits)
+        elif final:
+            end = len(self.text)
+        else:  # hold back the longest tail that is the beginning of a stop string
+            hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            end = len(self.text) - hold
+        out = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+
 def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the prefixes torch.compile (``_orig_mod.``) and DDP (``module.``) add to keys."""
     out = {}
@@ -221,3 +264,119 @@ def load_for_inference(checkpoint_path: str | os.PathLike, device: str | torch.d
     meta = {"path": str(path), "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
             "config": ckpt.get("config"), "lineage": ckpt.get("lineage"), "extra": ckpt.get("extra") or {}}
     return model, tok, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# the one loader of commands and the server
+
+
+MODEL_URI_PREFIXES = ("models:/", "runs:/")
+
+
+def is_model_uri(source: str | os.PathLike) -> bool:
+    return str(source).startswith(MODEL_URI_PREFIXES)
+
+
+def model_name(source: str | os.PathLike) -> str:
+    """What a model is called in an API (``/v1/models``): a registered model's name, else the
+    run directory of a checkpoint named like ours (``runs/finetune-lora-XXXX/model.pt`` ->
+    ``finetune-lora-XXXX``), else the file's stem."""
+    s = str(source)
+    if s.startswith("models:/"):
+        return s[len("models:/"):].split("/")[0].split("@")[0]
+    if s.startswith("runs:/"):
+        return s[len("runs:/"):].split("/")[0]
+    p = Path(s).resolve()
+    if p.is_dir():
+        return p.name
+    generic = p.name in ("best.pt", "model.pt") or p.name.startswith("ckpt-")
+    return p.parent.name if generic else p.stem
+
+
+def load_model(source: str | os.PathLike, device: str | torch.device = "auto"):
+    """The model behind ``source``, the one way ``generate``, ``chat`` and ``serve`` load one:
+
+    - ``models:/NAME/VERSION`` (or ``models:/NAME@alias``, ``runs:/RUN_ID/model``): a model in the
+      MLflow registry, downloaded through :mod:`llmforge.tracking` (cached), then loaded as a file;
+    - a Hugging Face export directory (``llmforge export --format hf``, any directory with a
+      ``config.json``): :func:`llmforge.model.export.load_hf_export`;
+    - a checkpoint file or a run directory: :func:`load_for_inference`.
+
+    Returns ``(model, tokenizer, meta)``; ``meta`` adds ``name``, ``source`` and
+    ``chat_template`` (``None`` for a model that only continues text) to :func:`load_for_inference`'s.
+    """
+    from llmforge.model.export import is_hf_export, load_hf_export
+
+    if is_model_uri(source):
+        from llmforge import tracking
+
+        model, tok, meta = load_for_inference(tracking.download_model(str(source)), device)
+    elif is_hf_export(source):
+        model, tok, meta = load_hf_export(source, device)
+    else:
+        model, tok, meta = load_for_inference(find_checkpoint(source), device)  # kind checked before unpickling
+    meta.update(name=model_name(source), source=str(source), chat_template=meta["extra"].get("chat_template"))
+    return model, tok, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# several sequences per forward pass (the server's batched decoding)
+
+
+def _rows_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for ``x`` of ``[P, 1, in]`` as P separate one-row products (a batched matmul
+    over a broadcast weight). A ``[P, in]`` matmul would round each row differently depending on
+    P (matmul kernels block rows by the row count); one row at a time is exactly what
+    ``GPT.forward`` computes for a single sequence."""
+    wt = layer.weight.t().unsqueeze(0).expand(x.size(0), -1, -1)
+    if layer.bias is None:
+        return torch.bmm(x, wt)
+    return torch.baddbmm(layer.bias.expand(x.size(0), 1, -1), x, wt)
+
+
+@torch.no_grad()
+def forward_rows(model: GPT, tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
+    """One decoding step for several sequences in one pass: sequence ``i`` feeds ``tokens[i]``
+    into its own one-sequence cache ``caches[i]`` (each at its own position); returns the
+    next-token logits ``[P, V]``.
+
+    Row ``i`` is bit for bit what ``GPT.forward(tokens[i], kv_cache=caches[i])`` returns (its
+    one-new-token path, step for step: GQA, QK-norm, SwiGLU included): the projections run as
+    one-row products batched together, attention runs per sequence over exactly its cached keys.
+    So a request's text never depends on which or how many other requests share the step, and
+    equals ``generate()``'s. What is shared is the per-operation overhead, which is most of a
+    small model's step on a CPU. (tests/test_serve.py holds it to GPT.forward, bit for bit.)"""
+    cfg = model.config
+    P, C, D = len(tokens), cfg.n_embd, cfg.head_dim
+    device = model.lm_head.weight.device
+    pos = torch.tensor([c.pos for c in caches], dtype=torch.long, device=device)
+    if int(pos.max()) >= cfg.block_size:
+        raise ValueError(f"a sequence reached block_size {cfg.block_size}; re-prefill it first")
+    cos = model.rope_cos[pos][:, None, None, :]  # [P, 1, 1, D/2]: each row its own angle
+    sin = model.rope_sin[pos][:, None, None, :]
+    x = model.transformer.drop(model.transformer.wte(torch.tensor(list(tokens), device=device)[:, None]))
+    for layer, block in enumerate(model.transformer.h):
+        attn = block.attn
+        H, Hkv = attn.n_head, attn.n_kv_head
+        q, k, v = _rows_linear(attn.c_attn, block.ln_1(x)).split([C, Hkv * D, Hkv * D], dim=2)
+        q = q.view(P, 1, H, D).transpose(1, 2)  # [P, H, 1, D]
+        k = k.view(P, 1, Hkv, D).transpose(1, 2)
+        v = v.view(P, 1, Hkv, D).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        ys = []
+        for i, cache in enumerate(caches):  # as CausalSelfAttention's one-new-token branch
+            keys, values = cache.update(layer, k[i:i + 1], v[i:i + 1])
+            ys.append(attn._sdpa(q[i:i + 1], keys.to(q.dtype), values.to(q.dtype)))
+        y = torch.cat(ys).transpose(1, 2).contiguous().view(P, 1, C)
+        x = x + attn.resid_dropout(_rows_linear(attn.c_proj, y))
+        mlp, h = block.mlp, block.ln_2(x)
+        if hasattr(mlp, "c_gate"):  # SwiGLU
+            h = F.silu(_rows_linear(mlp.c_gate, h)) * _rows_linear(mlp.c_fc, h)
+        else:
+            h = F.gelu(_rows_linear(mlp.c_fc, h))
+        x = x + mlp.dropout(_rows_linear(mlp.c_proj, h))
+    for cache in caches:
+        cache.pos += 1
+    return _rows_linear(model.lm_head, model.transformer.ln_f(x))[:, 0]

@@ -25,6 +25,12 @@ encoded separately and concatenated, so at inference ``encode(format_prompt(...)
 the context the model was trained on. Loss is taken only on the response tokens and the EOS
 that ends them: every other label is ``-100`` (``ignore_index``), as is every padding position.
 
+The same layout for chat is :data:`CHAT_TEMPLATE`, a Hugging Face ``chat_template`` that fine-tuning
+stores in the checkpoint (``extra["chat_template"]``). A conversation is laid out as training packs
+examples: an optional system message and a blank line, then each past turn as its instruction
+block followed by ``### Response:\n{reply}<EOS>``, then the new instruction block and the response
+header. For one user message it renders ``format_prompt(message)`` byte for byte.
+
 A JSONL line is ``{"prompt": ..., "response": ...}`` or Alpaca's ``{"instruction": ...,
 "input": ..., "output": ...}``. Lines that are not JSON objects with non-empty string fields
 are counted and named (file:line and why) and skipped; the load fails only when none remain.
@@ -49,6 +55,35 @@ from llmforge.model.data import IGNORE_INDEX, to_device
 INSTRUCTION_HEADER = "### Instruction:\n"
 INPUT_HEADER = "### Input:\n"
 RESPONSE_HEADER = "### Response:\n"
+
+
+# The same layout as a Hugging Face chat template (fine-tuning stores it in the checkpoint as
+# extra["chat_template"]; model/chat.py renders it): an optional system message, then each turn as
+# the instruction block and the response + EOS that training packs back to back, and for the
+# generation prompt the response header. One user turn renders format_prompt(user) byte for byte.
+# (The '\n' inside the Jinja string literals are Jinja's escapes.)
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ messages[0]['content'] + '\\n\\n' }}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('conversation roles must alternate user/assistant/user/... after an optional "
+    "system message') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '### Response:\\n' + message['content'] + eos_token }}"
+    "{%- else -%}"
+    "{{ raise_exception('unknown role ' + message['role'] + ' (roles: system, user, assistant)') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '### Response:\\n' }}{%- endif -%}"
+)
 
 
 def format_prompt(prompt: str, input: str = "") -> str:

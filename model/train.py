@@ -101,7 +101,7 @@ class TrainConfig(Config):
     sample_tokens: int = control(64, "tokens per sample", ge=0)
     peak_tflops: float | None = control(None, "the GPU's dense bf16 TFLOP/s, for MFU when it is not in the "
                                         "built-in table", gt=0)
-    log_checkpoints: bool = control(True, "copy the final and best checkpoints into the MLflow run")
+    log_checkpoints: bool = control(True, "log the final checkpoint, weights only, as the run's MLflow model")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -783,10 +783,9 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                     mlrun.text(text, f"samples/step-{step:08d}.txt")
                 if png := tracking.plot_loss_curves(mlrun, out_dir / "loss_curve.png"):
                     mlrun.artifact(png, "plots")
-            if status == "completed" and cfg.log_checkpoints:
-                for key in ("checkpoint", "best_checkpoint"):
-                    if summary[key]:
-                        mlrun.artifact(summary[key], "checkpoints")
+            if status == "completed" and cfg.log_checkpoints and summary["checkpoint"]:
+                # one file: the final checkpoint (what evaluate and finetune take), weights only, as an MLflow model
+                summary["model_uri"] = mlrun.model(summary["checkpoint"])["model_uri"]
             mlrun.tags({tracking.TAG_STATUS: status, tracking.TAG_CHECKPOINT: summary["checkpoint"]})
             atomic_write_json(out_dir / SUMMARY_NAME, summary)
             mlrun.artifact(out_dir / SUMMARY_NAME)

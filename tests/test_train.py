@@ -179,8 +179,9 @@ def test_loss_falls_well_below_uniform_and_run_is_recorded(tmp_path: Path, data:
         assert key in run.data.metrics, key
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val/loss")] == [100, 200]
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"checkpoints", "plots", "samples", "summary.json"} <= arts
-    assert {Path(a.path).name for a in c.list_artifacts(run.info.run_id, "checkpoints")} == {"ckpt-00000200.pt", "best.pt"}
+    assert {"model", "plots", "samples", "summary.json"} <= arts
+    # one weights-only model per run (an MLflow pyfunc model), never the resumable checkpoints
+    assert [a.path for a in c.list_artifacts(run.info.run_id, "model/artifacts")] == ["model/artifacts/model.pt"]
     png = Path(c.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sample = c.download_artifacts(run.info.run_id, "samples", str(tmp_path))

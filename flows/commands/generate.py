@@ -1,11 +1,12 @@
 """Generate text from a checkpoint, streaming it to stdout as tokens arrive.
 
 The checkpoint alone is enough: it carries the model config, the weights and the tokenizer.
-A run directory means its best.pt.
+A run directory means its best.pt; models:/NAME/VERSION is a version in the MLflow model registry.
 
   llmforge generate runs/train-tiny-XXXX/best.pt --prompt "Once upon a time" --max-new-tokens 200
   llmforge generate ckpt.pt --prompt "The" --temperature 0        # greedy
   llmforge generate ckpt.pt --prompt "The" --top-p 0.9 --seed 1   # reproducible nucleus sampling
+  llmforge generate models:/my-gpt/1 --prompt "The" --temperature 0
 
 The prompt is echoed, then the continuation; timing goes to stderr.
 """
@@ -23,7 +24,8 @@ HELP = "sample text from a checkpoint (KV-cached, streamed)"
 def configure(p: argparse.ArgumentParser) -> None:
     from llmforge.model.generate import SamplingConfig
 
-    p.add_argument("checkpoint", help="a checkpoint file (best.pt, ckpt-*.pt, a fine-tune's model.pt) or run directory")
+    p.add_argument("checkpoint", help="a checkpoint file (best.pt, ckpt-*.pt, a fine-tune's model.pt), a run directory, "
+                   "an `llmforge export --format hf` directory, or a registered model (models:/NAME/VERSION)")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default: 200)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda[:N]")
@@ -41,9 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llmforge.errors import ConfigError
     from llmforge.flows.options import settings
-    from llmforge.model.checkpoint import find_checkpoint
-    from llmforge.model.generate import (GenerateOptions, IncrementalDecoder, SamplingConfig, generate,
-                                         load_for_inference)
+    from llmforge.model.generate import GenerateOptions, IncrementalDecoder, SamplingConfig, generate, load_model
     from llmforge.model.runtime import check_device
 
     root, _ = settings(args, {}, lambda d, src: GenerateOptions.load(d, source=src), "defaults")
@@ -51,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
     check_device(args.device)
-    find_checkpoint(args.checkpoint)  # the file's kind, before anything is unpickled
-    model, tok, meta = load_for_inference(args.checkpoint, args.device)
+    model, tok, meta = load_model(args.checkpoint, args.device)
     device = next(model.parameters()).device
     prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
     block = model.config.block_size

@@ -10,6 +10,7 @@ examples:
   llmforge pipeline --corpus quickstart --config cpu-tiny --sft configs/finetune/python-docs.jsonl
   llmforge pipeline --corpus gutenberg --preset tiny --set train.max_steps=500 --set eval.max_tokens=200000
   llmforge pipeline --corpus quickstart --sft pairs.jsonl --set finetune.mode=lora --set finetune.train.lr=2e-3
+  llmforge pipeline --corpus quickstart --config cpu-tiny --sft pairs.jsonl --register my-gpt
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for training under torchrun")
     p.add_argument("--shards", default="shards", help="root of the data stages' outputs (default: shards)")
     p.add_argument("--runs", default="runs", help="root of the training runs (default: runs)")
+    p.add_argument("--register", metavar="NAME", default=None,
+                   help="register the final (fine-tuned if any) model in MLflow as a new version of NAME")
     add_config_options(p, "model.*, train.*, eval.*, finetune.*")
     add_run_options(p, prefect=False)
     add_flags(p, ModelSpec, "model", only=["preset"], title="model options (also --set model.NAME=VALUE)")
@@ -74,12 +77,14 @@ def run(args: argparse.Namespace) -> int:
             corpus=args.corpus, recipe=args.config, preset=preset, model=model or None, train=overrides.get("train"),
             evaluate=opts.eval.model_dump(mode="json", exclude_unset=True) if opts.eval else None,
             finetune=finetune, vocab_size=args.vocab_size, workers=args.workers, task_runner=args.task_runner,
-            nproc=args.nproc, shards=args.shards, runs=args.runs, experiment=args.experiment)
+            nproc=args.nproc, shards=args.shards, runs=args.runs, experiment=args.experiment, register=args.register)
     m = result["metrics"]
     say(f"\npipeline {result['status'].lower()} in {m['duration_s']:.0f}s (MLflow run {result['mlflow_run_id']})")
     say(f"  dataset:    {result['dataset']}\n  checkpoint: {result['checkpoint']}")
     if result.get("finetuned"):
         say(f"  finetuned:  {result['finetuned']}")
+    if result.get("registered"):
+        say(f"  registered: {result['registered']}  (llmforge chat|serve|generate {result['registered']})")
     for k in ("val/loss", "val/bpb", "ft/val/bpb", "tokens_per_s"):
         if m.get(k) is not None:
             say(f"  {k}: {m[k]:.4f}")

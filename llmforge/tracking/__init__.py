@@ -1,4 +1,4 @@
-"""MLflow, in one place: the only module that imports ``mlflow``.
+"""MLflow, in one place: this package is the only code that imports ``mlflow``.
 
 Where the store is, the experiment (tagged so the MLflow UI opens on its runs table), run names
 a person can read, the tag and metric names every stage uses, params flattened from configs,
@@ -15,6 +15,11 @@ What goes where: **params** are config values (what was asked for: ``model.n_lay
 ``val/bpb`` in the train run, the evaluate run and the pipeline run alike); **tags** are ids and
 paths (dataset fingerprint and directory, checkpoint path, base run), which MLflow's compare
 view would otherwise offer as parameters to plot.
+
+Models: :func:`log_model` logs a checkpoint (weights only) to its run as an MLflow model that
+loads back and generates, :func:`register_model` makes it a version of a registered model with
+lineage tags, :func:`download_model` turns ``models:/NAME/VERSION`` into a local checkpoint (all
+in :mod:`llmforge.tracking.registry`).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ DURATION_S = "duration_s"
 
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
+from llmforge.tracking.registry import download_model, log_model, register_model  # noqa: E402  (no mlflow import)
+
 
 def mlruns_dir() -> Path:
     return Path(os.environ.get("LLMFORGE_MLRUNS", "mlruns")).resolve()
@@ -81,6 +88,9 @@ def store_exists(uri: str | None = None) -> bool:
 def _quiet() -> None:
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # pyfunc's note on pickled models is about models from untrusted sources; ours is our own class
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a command's output
 
 
 def client(uri: str | None = None):
@@ -192,6 +202,11 @@ class StageRun:
 
     def json(self, obj: Any, file: str) -> None:
         self.client.log_dict(self.run_id, obj, file)
+
+    def model(self, checkpoint: str | os.PathLike, register: str | None = None,
+              tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Log ``checkpoint`` (weights only) as this run's MLflow model; see :func:`log_model`."""
+        return log_model(checkpoint, run_id=self.run_id, register=register, tags=tags)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
