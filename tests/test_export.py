@@ -296,3 +296,30 @@ def test_an_out_path_that_is_not_an_export_is_never_overwritten(tmp_path, tok, c
     assert (mine / "notes.txt").read_text() == "keep me" and notes.read_text() == "keep me too"
     assert cli_main(["export", str(ckpt), "--format", "hf", "--type", "q8_0"]) == 2
     assert "--type q8_0: applies to --format gguf" in capsys.readouterr().err
+
+
+def test_export_register_records_the_export_and_a_model_version_that_generates(tmp_path, tok, capsys, monkeypatch):
+    from llmforge import tracking
+
+    monkeypatch.setenv("LLMFORGE_MLRUNS", str(tmp_path / "mlruns"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ckpt, _ = make_checkpoint(tmp_path / "best.pt", tok)
+    args = ["export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf"), "--register", "tiny-llama"]
+    assert cli_main(args) == 0
+    assert "registered models:/tiny-llama/1" in capsys.readouterr().out
+    c = tracking.client()
+    (mv,) = c.search_model_versions("name = 'tiny-llama'")
+    assert mv.tags["llmforge.dataset_fingerprint"] == "data-fp-1234" and mv.tags["llmforge.source_run"] == "run-5678"
+    run = c.get_run(mv.run_id)
+    assert run.data.tags["llmforge.stage"] == "export"
+    files = {a.path for a in c.list_artifacts(mv.run_id, "export/hf")}
+    assert {"export/hf/model.safetensors", "export/hf/config.json", "export/hf/tokenizer.json"} <= files
+    # the registered model generates what the checkpoint generates (greedy)
+    assert cli_main(["generate", "models:/tiny-llama/1", "--prompt", "def f", "--max-new-tokens", "12",
+                     "--temperature", "0", "--device", "cpu"]) == 0
+    from_registry = capsys.readouterr().out
+    assert cli_main(["generate", str(ckpt), "--prompt", "def f", "--max-new-tokens", "12", "--temperature", "0",
+                     "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == from_registry
+    # the same export registered again finds its version
+    assert cli_main(args) == 0 and "already there" in capsys.readouterr().out

@@ -195,7 +195,12 @@ class StageRun:
 
     # -- files
     def artifact(self, path: str | os.PathLike, directory: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), directory)
+        """A file, or every file of a directory (under ``directory``/its name)."""
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), f"{directory}/{Path(path).name}" if directory
+                                      else Path(path).name)
+        else:
+            self.client.log_artifact(self.run_id, str(path), directory)
 
     def text(self, text: str, file: str) -> None:
         self.client.log_text(self.run_id, text, file)
