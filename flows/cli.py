@@ -14,7 +14,7 @@ import sys
 import traceback
 
 # order = order in --help; each name is a module in flows/commands
-COMMANDS = ["prepare", "train", "generate", "evaluate", "finetune", "pipeline", "runs"]
+COMMANDS = ["prepare", "train", "generate", "evaluate", "finetune", "pipeline", "runs", "verify"]
 
 
 class Parser(argparse.ArgumentParser):
