@@ -234,9 +234,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 def _writer_alive(name: str) -> bool | None:
     """Whether the process that made temp file ``name`` still runs: None when that cannot be
-    told (another host's writer, or a name from before writers were named)."""
+    told (a writer on another host). A name without a writer was made before writers were
+    named, by a process long gone."""
     m = _TEMP_OWNER.search(name)
-    if m is None or m.group(2) != _HOST:
+    if m is None:
+        return False
+    if m.group(2) != _HOST:
         return None
     try:
         os.kill(int(m.group(1)), 0)

@@ -42,13 +42,17 @@ except ImportError:  # tests/ is a package
 SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 64}
 
 
-@pytest.fixture(autouse=True)
-def mlruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LLMFORGE_MLRUNS", str(tmp_path / "mlruns"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("LLMFORGE_PARENT_RUN_ID", raising=False)
-    torch.set_num_threads(1)
-    return tmp_path / "mlruns"
+@pytest.fixture(scope="module", autouse=True)
+def mlruns(tmp_path_factory: pytest.TempPathFactory):
+    """One MLflow store for the module (a new SQLite store costs seconds of migrations); tests
+    look their runs up by id."""
+    path = tmp_path_factory.mktemp("mlruns")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMFORGE_MLRUNS", str(path))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("LLMFORGE_PARENT_RUN_ID", raising=False)
+        torch.set_num_threads(1)
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -247,15 +251,15 @@ def poison(path: Path, value: float = float("nan")) -> str:
 
 
 class MaskedFrom:
-    """Real shard batches, but from step ``bad`` on every target is masked: the loss is 0/0 = NaN
-    (a streak of non-finite steps, as a diverging run has)."""
+    """Real shard batches, but from (0-based) step ``bad`` on (to ``until``) every target is
+    masked: the loss is 0/0 = NaN (a streak of non-finite steps, as a diverging run has)."""
 
-    def __init__(self, inner: ShardBatcher, bad: int):
-        self.inner, self.bad = inner, bad
+    def __init__(self, inner: ShardBatcher, bad: int, until: int = 10**9):
+        self.inner, self.bad, self.until = inner, bad, until
 
     def get_batch(self, step: int, micro: int):
         x, y = self.inner.get_batch(step, micro)
-        return (x, torch.full_like(y, IGNORE_INDEX)) if step >= self.bad else (x, y)
+        return (x, torch.full_like(y, IGNORE_INDEX)) if self.bad <= step < self.until else (x, y)
 
     def state_dict(self):
         return self.inner.state_dict()
@@ -293,6 +297,15 @@ def test_divergence_writes_nothing_during_the_streak_and_names_a_finite_checkpoi
     assert steps == [2, 3]  # nothing written during steps 4-7, and rotation kept the good ones
     assert str(run / "ckpt-00000003.pt") in str(e.value)
     assert all_finite(run / "ckpt-00000003.pt")
+
+
+def test_a_checkpoint_due_inside_a_streak_is_written_at_the_next_finite_step(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = small_recipe(max_steps=8, ckpt_every=4, keep_last=5)
+    batcher = MaskedFrom(ShardBatcher(Dataset.open(data), "train", 32, 4, seed=cfg.train.seed), bad=3, until=5)
+    s = train(cfg, data, run, batcher=batcher)
+    assert s["status"] == "completed" and s["bad_steps"] == 2
+    assert [step for step, _ in CheckpointManager.list(run)] == [6, 8]  # step 4's save waited for step 6
 
 
 def test_a_non_finite_checkpoint_is_refused_by_generate_and_evaluate(data: Path, tmp_path: Path, capsys) -> None:
