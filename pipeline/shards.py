@@ -42,8 +42,8 @@ import numpy as np
 import pyarrow as pa
 
 from llmforge.errors import DataError, NotFound
-from llmforge.pipeline.fsutil import (FORMAT_VERSION, atomic_path, atomic_write_json, human_bytes, read_json,
-                                     sha256_file, stat_key)
+from llmforge.pipeline.fsutil import (FORMAT_VERSION, DiskFull, atomic_path, atomic_write_json, human_bytes,
+                                     read_json, sha256_file, stat_key)
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _write_record(path: Path, sha: str, max_id: int) -> None:
     read-only dataset is simply re-read at each open)."""
     try:
         atomic_write_json(_record_path(path), {"sha256": sha, "max_id": max_id, "stat": stat_key(path.stat())})
-    except OSError as e:
+    except (OSError, DiskFull) as e:  # a read-only or full disk: nothing is lost but this shortcut
         log.debug("cannot record the verification of %s: %s", path, e)
 
 
