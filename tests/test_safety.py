@@ -397,7 +397,7 @@ def test_prepare_on_a_full_disk_fails_in_one_line_naming_the_file(tmp_path: Path
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-4000:]
         assert str(disk) in errors[0] and "free" in errors[0] and "space" in errors[0], errors[0]
-        assert not list(disk.rglob(".*.tmp")) and not list(disk.rglob("manifest.json"))
+        assert not list(disk.rglob(".*.tmp")) and not list(disk.rglob("tokens-*/manifest.json"))
 
 
 # ---------------------------------------------------------------------------------------------
