@@ -15,7 +15,7 @@ import traceback
 
 # order = order in --help; each name is a module in flows/commands
 COMMANDS = ["prepare", "train", "generate", "chat", "serve", "evaluate", "finetune", "export", "pipeline",
-            "runs"]
+            "runs", "verify"]
 
 
 class Parser(argparse.ArgumentParser):

@@ -22,14 +22,26 @@ object (a class, an ``os.system`` reduce) is refused instead of executed. Its ke
 ====================  ==========================================================================
 
 Writes are atomic (temp file in the same directory, fsync, rename; see
-:func:`pipeline.fsutil.atomic_path`): a crash mid-save leaves the previous file intact.
+:func:`pipeline.fsutil.atomic_path`): a crash mid-save leaves the previous file intact, and a full
+disk is one line naming the file and the space.
 :class:`CheckpointManager` keeps the last K ``ckpt-<step>.pt`` files plus ``best.pt`` and a
 ``latest.json`` pointer in a run's checkpoint directory.
+
+Non-finite weights are never trusted: :func:`load_checkpoint` refuses a checkpoint whose weights
+hold a NaN or an infinity (naming the file and the first such tensor), so resume, ``init_from``,
+evaluate, generate and export all refuse it; :func:`save_checkpoint` refuses to write one; the
+manager's rotation never removes the newest finite checkpoint (the one it just wrote), and
+:meth:`CheckpointManager.last_good` names a checkpoint that loads and is finite.
+``best.pt`` is its own file, written atomically: weights-only (model state, config, lineage,
+tokenizer, step and val loss; no optimizer, data or RNG state), so it is about a third of a
+resumable ``ckpt-*.pt`` and rewriting a checkpoint never changes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import pickle
 import random
@@ -42,7 +54,7 @@ import numpy as np
 import torch
 
 from llmforge.errors import CheckpointError
-from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, read_json
+from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, read_json, stat_key
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +64,7 @@ _CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
 WHAT_TO_PASS = "give a checkpoint: ckpt-*.pt or best.pt of a training run (or its directory), or a fine-tune's model.pt"
 
 __all__ = ["CheckpointError", "CheckpointManager", "load_checkpoint", "save_checkpoint", "find_checkpoint",
-           "checkpoint_tokenizer", "tokenizer_bytes", "capture_rng_state", "restore_rng_state"]
+           "checkpoint_tokenizer", "tokenizer_bytes", "capture_rng_state", "restore_rng_state", "non_finite"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +131,30 @@ def _check_plain(obj: Any, where: str) -> None:
         "checkpoints hold only tensors and plain containers (dict, list, tuple, str, int, float, bool, None)")
 
 
+def non_finite(state: dict[str, Any]) -> str | None:
+    """``"<name> (3 NaN, 1 inf of 4096 values)"`` for the first tensor of a state dict (in its
+    order) holding a NaN or an infinity, or None when every value is finite."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            if not bool(torch.isfinite(t).all()):
+                nan = int(torch.isnan(t).sum())
+                inf = int(torch.isinf(t).sum())
+                what = ", ".join(x for x in (f"{nan} NaN" if nan else "", f"{inf} inf" if inf else "") if x)
+                return f"{name} ({what} of {t.numel()} values)"
+    return None
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of tensor data in a nest of containers (what torch.save will write, roughly)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def tokenizer_tensor(tokenizer: bytes | str | os.PathLike | torch.Tensor | None) -> torch.Tensor | None:
     """The SentencePiece model as a uint8 tensor, from its bytes, its file path, or a tensor."""
     if tokenizer is None or isinstance(tokenizer, torch.Tensor):
@@ -136,8 +172,12 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: dict, optimizer_sta
                     config: dict, lineage: dict, extra: dict | None = None,
                     tokenizer: bytes | str | os.PathLike | torch.Tensor | None = None,
                     val_loss: float | None = None) -> Path:
-    """Write one checkpoint atomically; see the module docstring for its keys."""
+    """Write one checkpoint atomically; see the module docstring for its keys. Weights holding a
+    NaN or an infinity are refused (:class:`CheckpointError`): such a file would only poison
+    whatever loads it."""
     path = Path(path)
+    if (bad := non_finite(model_state)) is not None:
+        raise CheckpointError(f"{path}: not written: the weights are not finite ({bad})")
     ckpt = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -154,7 +194,7 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: dict, optimizer_sta
         "extra": extra or {},
     }
     _check_plain(ckpt, str(path))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=_nbytes(ckpt)) as tmp:
         torch.save(ckpt, tmp)
     return path
 
@@ -213,8 +253,11 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; :class:`CheckpointError` says what is wrong."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    allow_non_finite: bool = False) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; :class:`CheckpointError` says what is wrong,
+    including weights that hold a NaN or an infinity (unless ``allow_non_finite``, for tools
+    that inspect a broken file)."""
     path = find_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -236,6 +279,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {ckpt['format_version']} is newer than "
                               f"this code understands ({FORMAT_VERSION}); upgrade llmforge")
+    if not allow_non_finite and isinstance(ckpt["model_state"], dict) and \
+            (bad := non_finite(ckpt["model_state"])) is not None:
+        raise CheckpointError(f"{path}: refused: the weights are not finite, first in {bad}; it was written "
+                              f"while training was diverging: use an earlier checkpoint of the run")
     return ckpt
 
 
@@ -273,6 +320,7 @@ class CheckpointManager:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
         self.tokenizer = tokenizer_tensor(tokenizer)
+        self._good: tuple[Path, list[int]] | None = None  # the newest checkpoint known finite
         removed = clean_temp(self.out_dir)
         if removed:
             log.info("removed %d unfinished checkpoint temp file(s) in %s", removed, self.out_dir)
@@ -315,27 +363,49 @@ class CheckpointManager:
 
     def save(self, step: int, *, model_state: dict, optimizer_state: dict | None,
              scheduler_state: dict | None, data_state: dict, rng_state: dict, config: dict,
-             lineage: dict, extra: dict | None = None, val_loss: float | None = None) -> Path:
+             lineage: dict, extra: dict | None = None, val_loss: float | None = None) -> Path | None:
+        """Write ``ckpt-<step>.pt`` (and ``best.pt`` when ``val_loss`` is the lowest yet), update
+        ``latest.json`` and remove the checkpoints beyond the last ``keep_last``. Non-finite
+        weights are not written (a warning, and None), so nothing here ever points at them."""
         path = self.out_dir / f"ckpt-{step:08d}.pt"
+        if (bad := non_finite(model_state)) is not None:
+            log.warning("not writing %s: the weights are not finite (%s)", path, bad)
+            return None
         save_checkpoint(path, model_state=model_state, optimizer_state=optimizer_state,
                         scheduler_state=scheduler_state, step=step, data_state=data_state,
                         rng_state=rng_state, config=config, lineage=lineage, extra=extra,
                         tokenizer=self.tokenizer, val_loss=val_loss)
+        self._good = (path, stat_key(path.stat()))
         best = self._index.get("best")
-        if val_loss is not None and (best is None or val_loss < best["val_loss"]):
-            with atomic_path(self.out_dir / "best.pt") as tmp:
-                tmp.unlink()
-                try:
-                    os.link(path, tmp)  # same bytes, no copy; survives pruning of ``path``
-                except OSError:
-                    import shutil
-                    shutil.copyfile(path, tmp)
+        if val_loss is not None and math.isfinite(val_loss) and (best is None or val_loss < best["val_loss"]):
+            # its own file (a hard link would change with any rewrite of ``path``), weights only
+            save_checkpoint(self.out_dir / "best.pt", model_state=model_state, optimizer_state=None,
+                            scheduler_state=None, step=step, data_state=None, rng_state=None, config=config,
+                            lineage=lineage, extra=extra, tokenizer=self.tokenizer, val_loss=val_loss)
             best = {"file": "best.pt", "step": int(step), "val_loss": float(val_loss)}
         self._index = {"latest": path.name, "step": int(step), "best": best}
         atomic_write_json(self.index_path, self._index)
         for _, old in self.checkpoints()[:-self.keep_last]:
-            old.unlink(missing_ok=True)
+            if old != path:  # the file just written is the newest finite one, whatever its step
+                old.unlink(missing_ok=True)
         return path
+
+    def last_good(self) -> Path | None:
+        """The newest checkpoint that loads and whose weights are finite: the one this manager
+        wrote last (if unchanged since), else the newest of the directory that passes
+        :func:`load_checkpoint`."""
+        if self._good is not None:
+            path, key = self._good
+            with contextlib.suppress(OSError):
+                if stat_key(path.stat()) == key:
+                    return path
+        for _, p in reversed(self.checkpoints()):
+            try:
+                load_checkpoint(p)
+            except CheckpointError:
+                continue
+            return p
+        return None
 
     @property
     def best_val_loss(self) -> float | None:

@@ -46,7 +46,7 @@ from llmforge.model.evaluate import SplitScorer
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, resolve_model
 from llmforge.model.runtime import DistInfo, all_reduce, autocast, peak_flops, resolve_device, resolve_dtype
-from llmforge.pipeline.fsutil import atomic_write_json, atomic_write_text, read_json
+from llmforge.pipeline.fsutil import DirLock, atomic_write_json, atomic_write_text, read_json
 from llmforge.pipeline.shards import Dataset
 from llmforge.stage import Stage
 
@@ -292,13 +292,16 @@ class TrainStage(Stage):
 
     def run(self, *, nproc: int = 1, experiment: str = tracking.EXPERIMENT,
             parent_run_id: str | None = None) -> dict[str, Any]:
-        if nproc > 1:
-            from llmforge.model.launch import launch
+        # one process writes a run directory (under torchrun: rank 0, or the launcher)
+        lock = DirLock(self.out_dir) if DistInfo.from_env().is_main else contextlib.nullcontext()
+        with lock:
+            if nproc > 1:
+                from llmforge.model.launch import launch
 
-            return launch(self.config, self.data_dir, self.out_dir, nproc, init_from=self.init_from,
-                          experiment=experiment, parent_run_id=parent_run_id)
-        return train(self.config, self.data_dir, self.out_dir, init_from=self.init_from, experiment=experiment,
-                     parent_run_id=parent_run_id)
+                return launch(self.config, self.data_dir, self.out_dir, nproc, init_from=self.init_from,
+                              experiment=experiment, parent_run_id=parent_run_id)
+            return train(self.config, self.data_dir, self.out_dir, init_from=self.init_from, experiment=experiment,
+                         parent_run_id=parent_run_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,8 +648,12 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                   f"{dist.world_size}), {tokens_per_step} tokens/step, budget {cfg.budget} from step {step}; "
                   f"run dir {out_dir}; MLflow run {run_id}", flush=True)
 
+        save_due = False  # a save that fell inside a non-finite streak: done at the next finite step
+
         def save(at_step: int, v_loss: float | None) -> Path | None:
-            if manager is None or streak:  # never a checkpoint from inside a non-finite streak
+            nonlocal save_due
+            save_due = bool(streak)  # never a checkpoint from inside a non-finite streak
+            if manager is None or save_due:
                 return None
             return manager.save(
                 at_step, model_state=raw_model.state_dict(), optimizer_state=optimizer.state_dict(),
@@ -703,7 +710,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             # the step's numbers stay on the device; they are read here, every few steps
             due = lambda every: bool(every) and step % every == 0  # noqa: E731
             out_of_time = cfg.max_minutes is not None and time.time() - t_start > cfg.max_minutes * 60
-            if not (finished or due(sync_every) or due(cfg.ckpt_every) or due(cfg.eval_every)
+            if not (finished or due(sync_every) or due(cfg.ckpt_every) or due(cfg.eval_every) or save_due
                     or step == progress.start_step + 1 or stop.signal is not None or out_of_time):
                 continue
             last_loss, last_norm, bad_steps, streak, new_bad = health.read()
@@ -718,7 +725,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 raise TrainingDiverged(
                     f"stopping at step {step}: {streak} consecutive steps with non-finite loss or gradient "
                     f"norm (loss {last_loss}, grad norm {last_norm}); lower the learning rate (train.lr={cfg.lr}) or "
-                    f"raise train.warmup_steps. The last good checkpoint is {manager.latest() if manager else 'on rank 0'}")
+                    f"raise train.warmup_steps. The last good checkpoint is {manager.last_good() if manager else 'on rank 0'}")
 
             if step % cfg.log_every == 0 or finished or step == progress.start_step + 1:
                 tok_s = window_tokens / max(window_time, 1e-9)
@@ -751,7 +758,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             if dist.enabled:  # every rank stops at the same step
                 flags = [bool(f) for f in all_reduce(torch.tensor(flags, dtype=torch.float32, device=device), "max")]
             stopping = any(flags) and not finished
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or finished or stopping:
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or finished or stopping or save_due:
                 ckpt_path = save(step, evaluated)
             if stopping:
                 status = "interrupted" if flags[0] else "time_limit"
@@ -761,7 +768,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
 
         # --- the end: samples, curve, artifacts, summary -----------------------------------------
         if ckpt_path is None and manager is not None:
-            ckpt_path = manager.latest()
+            ckpt_path = manager.last_good()
         summary: dict[str, Any] = {
             "status": status, "step": step, "max_steps": budget.total_steps, "budget": cfg.budget,
             "budget_spent_s": budget.elapsed(), "budget_done": status == "completed", "final_lr": cfg.lr * factor,

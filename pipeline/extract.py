@@ -12,10 +12,18 @@ Two passes, datatrove-style, each with committed units so a kill loses one unit 
    a second hash of the text, and repacking of the kept documents into ``train/part-NNNNN.parquet``
    and ``val/part-NNNNN.parquet`` of about ``part_bytes`` each (zstd-compressed; columns ``id``,
    ``text``). Its ``manifest.json`` is written last and marks the stage complete.
+
+Cleaned text is kept once: when the manifest is written, the units' parquet files (the same text
+again) are removed, and only their small ``.json`` outcomes stay. A kill between the manifest and
+that removal leaves them behind until the stage is next asked for (:meth:`CleanStage.ensure`
+removes them); a unit whose parquet is gone is cleaned again if it is ever needed (a part deleted
+by hand). Peak disk is therefore units + parts during ``finalize`` and parts alone after it; the
+manifest records both (``disk_bytes``, ``disk_bytes_peak``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -38,7 +46,8 @@ from llmforge.pipeline.clean import CleanConfig, clean_document
 from llmforge.pipeline.config import CorpusSpec, SplitConfig
 from llmforge.pipeline.download import scan_directory
 from llmforge.pipeline.neardup import NearDupConfig, find_near_duplicates
-from llmforge.pipeline.fsutil import FORMAT_VERSION, atomic_path, atomic_write_json, clean_temp, read_json, serial_map
+from llmforge.pipeline.fsutil import (FORMAT_VERSION, DirLock, atomic_path, atomic_write_json, clean_temp, read_json,
+                                     serial_map)
 from llmforge.pipeline.readers import ReadLimits, ReadStats, SkippedEntry, iter_documents
 from llmforge.stage import Stage
 
@@ -98,11 +107,23 @@ class CleanStage(Stage):
 
     def run(self, map_units: Any = None) -> dict:
         """Clean every unit (``map_units(fn, items)`` runs them, in parallel where the caller
-        can), then deduplicate, split and write the parts and the manifest."""
-        clean_temp(self.out_dir / "units")
-        (map_units or serial_map)(self.clean_unit, self.units)
-        return finalize(self.out_dir, self.units, self.spec.split, fp=self.key, neardup=self.spec.neardup,
-                        config=self.config.model_dump(mode="json"))
+        can), then deduplicate, split and write the parts and the manifest. One process at a
+        time per output directory (:class:`~llmforge.pipeline.fsutil.DirLock`)."""
+        with DirLock(self.out_dir):
+            if (done := self.completed()) is not None:  # finished by another run meanwhile
+                remove_units(self.out_dir)
+                return done
+            clean_temp(self.out_dir / "units")
+            (map_units or serial_map)(self.clean_unit, self.units)
+            return finalize(self.out_dir, self.units, self.spec.split, fp=self.key, neardup=self.spec.neardup,
+                            config=self.config.model_dump(mode="json"))
+
+    def ensure(self, *args: Any, **kwargs: Any) -> tuple[dict, bool]:
+        done = self.completed()
+        if done is not None:
+            remove_units(self.out_dir)  # left behind by a kill right after the manifest was written
+            return done, True
+        return self.run(*args, **kwargs), False
 
     def texts(self, manifest: dict, split: str = "train") -> Iterator[str]:
         return iter_texts(self.out_dir, manifest, split)
@@ -172,7 +193,7 @@ def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict
     """Pass 1 for one unit; returns its stats (and skips the work if the unit is already done)."""
     out_dir = Path(out_dir) / "units"
     stats_path = out_dir / f"{unit['name']}.json"
-    if stats_path.is_file():
+    if stats_path.is_file() and (out_dir / f"{unit['name']}.parquet").is_file():
         return {**read_json(stats_path), "skipped": True}
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -334,10 +355,14 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
     counts["dropped.duplicate"] = dups
     if near:
         counts["dropped.near_duplicate"] = near
+    part_bytes = sum((out_dir / k / p["file"]).stat().st_size for k, w in writers.items() for p in w.parts)
+    kept_bytes = part_bytes + sum((unit_dir / f"{u['name']}.json").stat().st_size for u in units)
     manifest = {
         "fingerprint": fp,
         "format_version": FORMAT_VERSION,
         "splits": {k: w.summary() for k, w in writers.items()},
+        "disk_bytes": kept_bytes,  # what the stage keeps: the parts and the units' outcomes
+        "disk_bytes_peak": kept_bytes + sum(p.stat().st_size for p in paths),  # + the units, during finalize
         "stats": {
             "units": len(units),
             "bytes_in": sum(u["bytes"] for u in units),
@@ -353,7 +378,21 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
         "config": config or {},
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
+    remove_units(out_dir)
     return manifest
+
+
+def remove_units(clean_dir: str | os.PathLike) -> int:
+    """Remove the units' parquet files of a completed stage (the parts hold the same text);
+    returns the bytes freed. Their ``.json`` outcomes stay: they are small and name what each
+    unit read and dropped."""
+    freed = 0
+    for p in Path(clean_dir).glob("units/unit-*.parquet"):
+        with contextlib.suppress(FileNotFoundError):
+            size = p.stat().st_size
+            p.unlink()
+            freed += size
+    return freed
 
 
 def _val_threshold(s: np.ndarray, split: SplitConfig) -> np.uint64:

@@ -13,10 +13,25 @@ offset; lengths are the offsets' differences. :class:`Shard` memory-maps the fil
 both as zero-copy numpy views, so the trainer samples windows without reading the file into
 memory. A dataset directory has a ``manifest.json`` (see :func:`write_manifest`) listing the
 shards of each split with token/document counts and sha256, the tokenizer and the clean stats.
+
+Nothing damaged is trusted. Every open checks a shard's structure (its size against the
+manifest, Arrow's own validation, document offsets increasing and inside the token buffer, each
+document ending in EOS, the counts the manifest records): O(documents), well under a millisecond
+for a 64 MB shard. Its content (sha256 against the manifest, every token id below the vocabulary)
+is checked by one read of the file, once: the result is recorded next to the shard
+(``.<shard>.verified.json``) under the file's :func:`~llmforge.pipeline.fsutil.stat_key`, which any
+change to the file invalidates, so later opens cost a ``stat``. (Measured on a 32 MB shard: the
+content pass runs at ~1.7 GB/s, sha256-bound, i.e. ~10 s per 18 GB dataset from the page cache and
+disk-bound when cold; the structural checks take 2 ms; a recorded check 50 us.)
+:meth:`Dataset.open` checks every shard of every split (so training, evaluation and fine-tuning
+refuse damaged data with one :class:`~llmforge.errors.DataError` naming each bad file, before the
+first step); :meth:`Dataset.verify` lists the problems instead, and ``llmforge verify`` re-reads
+everything.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,10 +42,14 @@ import numpy as np
 import pyarrow as pa
 
 from llmforge.errors import DataError, NotFound
-from llmforge.pipeline.fsutil import FORMAT_VERSION, atomic_path, atomic_write_json, read_json, sha256_file
+from llmforge.pipeline.fsutil import (FORMAT_VERSION, DiskFull, atomic_path, atomic_write_json, human_bytes,
+                                     read_json, sha256_file, stat_key)
+
+log = logging.getLogger(__name__)
 
 SHARD_FORMAT = "llmforge.tokens"
 MANIFEST_NAME = "manifest.json"
+REMAKE = "re-run the `llmforge prepare` command that made it: it remakes damaged shards"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -81,36 +100,134 @@ def write_shard(
         schema=schema,
     )
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=tokens.nbytes + offsets.nbytes) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             writer.write_batch(batch)
-    return {
+    sha, max_id = Shard(path).content()  # read back: what is recorded is what is on disk
+    entry = {
         "file": path.name,
         "tokens": int(len(tokens)),
         "documents": int(len(lengths)),
         "text_bytes": int(np.asarray(n_bytes, dtype=np.int64).sum()),
         "size": path.stat().st_size,
-        "sha256": sha256_file(path),
+        "sha256": sha,
     }
+    _write_record(path, sha, max_id)
+    return entry
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.verified.json")
+
+
+def _write_record(path: Path, sha: str, max_id: int) -> None:
+    """Remember that ``path`` as it is now (its stat key) has this content; best effort (a
+    read-only dataset is simply re-read at each open)."""
+    try:
+        atomic_write_json(_record_path(path), {"sha256": sha, "max_id": max_id, "stat": stat_key(path.stat())})
+    except (OSError, DiskFull) as e:  # a read-only or full disk: nothing is lost but this shortcut
+        log.debug("cannot record the verification of %s: %s", path, e)
+
+
+def _recorded(path: Path) -> tuple[str, int] | None:
+    """(sha256, max id) recorded for ``path`` if the file has not changed since, else None."""
+    try:
+        rec = read_json(_record_path(path))
+        if rec["stat"] == stat_key(path.stat()):
+            return str(rec["sha256"]), int(rec["max_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 class Shard:
-    """A memory-mapped shard. ``tokens`` and ``offsets`` are zero-copy numpy views."""
+    """A memory-mapped shard. ``tokens`` and ``offsets`` are zero-copy numpy views.
 
-    def __init__(self, path: str | os.PathLike):
+    Opening checks the structure (see the module docstring) and raises :class:`DataError` naming
+    the file; ``entry`` (the shard's manifest entry) adds the checks of its size and counts."""
+
+    def __init__(self, path: str | os.PathLike, entry: dict | None = None):
         self.path = Path(path)
+        if entry is not None:
+            try:
+                size = self.path.stat().st_size
+            except FileNotFoundError:
+                raise DataError(f"{self.path}: missing; {REMAKE}") from None
+            if size != entry["size"]:
+                raise DataError(f"{self.path}: size {size} bytes but the manifest says {entry['size']} (truncated "
+                                f"or overwritten); {REMAKE}")
         try:
             self._mmap = pa.memory_map(str(self.path), "r")
             reader = pa.ipc.open_file(self._mmap)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise ValueError(f"{self.path}: not a readable token shard ({e})") from e
-        meta = reader.schema.metadata or {}
-        if meta.get(b"format") != SHARD_FORMAT.encode():
-            raise ValueError(f"{self.path}: not a token shard (format={meta.get(b'format')!r})")
-        if reader.num_record_batches != 1:
-            raise ValueError(f"{self.path}: expected 1 record batch, found {reader.num_record_batches}")
-        self.eos_id = int(meta[b"eos_id"])
-        self._batch = reader.get_batch(0)
+            meta = reader.schema.metadata or {}
+            if meta.get(b"format") != SHARD_FORMAT.encode():
+                raise DataError(f"{self.path}: not a token shard (format={meta.get(b'format')!r})")
+            if reader.num_record_batches != 1:
+                raise DataError(f"{self.path}: expected 1 record batch, found {reader.num_record_batches}")
+            self.eos_id = int(meta[b"eos_id"])
+            self._batch = reader.get_batch(0)
+        except DataError:
+            raise
+        except (OSError, pa.ArrowException, KeyError, ValueError) as e:
+            raise DataError(f"{self.path}: not a readable token shard ({e}); {REMAKE}") from None
+        if (problem := self._structure_problem(entry)) is not None:
+            raise DataError(f"{self.path}: {problem}; {REMAKE}")
+
+    def _structure_problem(self, entry: dict | None) -> str | None:
+        """What is wrong with the batch's layout, or None. O(documents): never reads the tokens
+        except each document's last one."""
+        b = self._batch
+        if b.schema.names != ["id", "n_bytes", "tokens"] or not pa.types.is_list(b.schema.field("tokens").type):
+            return f"unexpected columns {b.schema}"
+        col = b.column("tokens")
+        offsets = col.offsets.to_numpy(zero_copy_only=True)
+        n_values = len(col.values)
+        if len(offsets) != b.num_rows + 1 or offsets[0] != 0 or offsets[-1] != n_values:
+            return (f"document offsets span [{offsets[0] if len(offsets) else '-'}, "
+                    f"{offsets[-1] if len(offsets) else '-'}) but the token buffer holds {n_values} tokens")
+        lengths = np.diff(offsets)
+        if len(lengths) and lengths.min() < 1:
+            i = int(np.argmax(lengths < 1))
+            return f"document offsets are not increasing (document {i}: {offsets[i]} -> {offsets[i + 1]})"
+        try:
+            b.validate(full=True)
+        except pa.ArrowException as e:
+            return f"Arrow validation failed: {e}"
+        tokens = col.values.to_numpy(zero_copy_only=True)
+        if len(lengths) and not (ends := tokens[offsets[1:] - 1] == self.eos_id).all():
+            i = int(np.argmin(ends))
+            return f"document {i} does not end with EOS ({self.eos_id}): its last token is {tokens[offsets[i + 1] - 1]}"
+        if entry is not None and (b.num_rows, n_values) != (entry["documents"], entry["tokens"]):
+            return (f"{b.num_rows} documents / {n_values} tokens but the manifest says {entry['documents']} / "
+                    f"{entry['tokens']}")
+        return None
+
+    def content(self) -> tuple[str, int]:
+        """(sha256 of the file, largest token id): one read of the whole file."""
+        return sha256_file(self.path), int(self.tokens.max()) if len(self.tokens) else -1
+
+    def content_problems(self, entry: dict, vocab_size: int, *, reread: bool = False) -> list[str]:
+        """What is wrong with the content (sha256 vs the manifest, token ids >= ``vocab_size``),
+        from the verification record when the file has not changed since it was made, else by
+        reading the file (and recording a good result)."""
+        found = None if reread else _recorded(self.path)
+        if found is None:
+            found = self.content()
+            fresh = True
+        else:
+            fresh = False
+        sha, max_id = found
+        problems = []
+        if sha != entry["sha256"]:
+            problems.append("sha256 differs from the manifest's (the file changed after it was written)")
+        if max_id >= vocab_size:
+            bad = self.tokens >= vocab_size
+            at = int(np.argmax(bad))
+            problems.append(f"token id {int(self.tokens[at])} at position {at} is not below the vocabulary size "
+                            f"{vocab_size} ({int(bad.sum())} such tokens)")
+        if fresh and not problems:
+            _write_record(self.path, sha, max_id)
+        return problems
 
     @cached_property
     def _token_list(self) -> pa.ListArray:
@@ -147,6 +264,15 @@ class Shard:
         return self.tokens[self.offsets[i] : self.offsets[i + 1] - 1]
 
 
+def shard_problems(path: Path, entry: dict, vocab_size: int, *, reread: bool = False) -> list[str]:
+    """Every problem of one shard (structure, then content), as ``"<path>: <problem>"`` lines."""
+    try:
+        shard = Shard(path, entry)
+    except DataError as e:
+        return [str(e).replace(f"; {REMAKE}", "")]
+    return [f"{path}: {p}" for p in shard.content_problems(entry, vocab_size, reread=reread)]
+
+
 @dataclass
 class Dataset:
     """A tokenized dataset directory (the output of the tokenize stage)."""
@@ -155,7 +281,9 @@ class Dataset:
     manifest: dict
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "Dataset":
+    def open(cls, root: str | os.PathLike, *, check: bool = True) -> "Dataset":
+        """Read the manifest; with ``check`` (the default) also check every shard (see the module
+        docstring) and raise one :class:`DataError` naming each damaged file."""
         root = Path(root)
         mpath = root / MANIFEST_NAME
         if not mpath.is_file():
@@ -172,7 +300,10 @@ class Dataset:
             raise DataError(
                 f"{mpath}: format version {manifest.get('format_version')} but this code reads {FORMAT_VERSION}; "
                 f"re-run `llmforge prepare`")
-        return cls(root, manifest)
+        ds = cls(root, manifest)
+        if check:
+            ds.check()
+        return ds
 
     @property
     def vocab_size(self) -> int:
@@ -203,7 +334,8 @@ class Dataset:
         return [self.root / split / s["file"] for s in self.manifest["splits"][split]["shards"]]
 
     def shards(self, split: str) -> list[Shard]:
-        return [Shard(p) for p in self.shard_paths(split)]
+        entries = self.manifest["splits"][split]["shards"] if split in self.manifest["splits"] else []
+        return [Shard(p, e) for p, e in zip(self.shard_paths(split), entries)]
 
     def num_tokens(self, split: str) -> int:
         return int(self.manifest["splits"][split]["tokens"])
@@ -212,20 +344,31 @@ class Dataset:
         return int(self.manifest["splits"][split]["text_bytes"])
 
     def verify(self, *, full: bool = False) -> list[str]:
-        """Problems found (empty when good): missing files or wrong sizes; with ``full``, sha256."""
+        """Problems found, one ``"<file>: <problem>"`` line each (empty when good): missing files,
+        and every shard's structure and content (sha256, token ids). Content checks use the
+        verification records; ``full`` re-reads every shard regardless."""
         problems = []
-        for split, info in self.manifest["splits"].items():
-            for s in info["shards"]:
-                p = self.root / split / s["file"]
-                if not p.is_file():
-                    problems.append(f"{p}: missing")
-                elif p.stat().st_size != s["size"]:
-                    problems.append(f"{p}: size {p.stat().st_size} != {s['size']}")
-                elif full and sha256_file(p) != s["sha256"]:
-                    problems.append(f"{p}: sha256 mismatch")
+        todo = [(self.root / split / s["file"], s) for split, info in self.manifest["splits"].items()
+                for s in info["shards"]]
+        unrecorded = sum(s["size"] for p, s in todo if full or _recorded(p) is None)
+        if unrecorded > 1 << 30:
+            from llmforge.console import say
+
+            say(f"verifying {human_bytes(unrecorded)} of shards in {self.root} (sha256 and token ids; "
+                f"recorded, so only once)")
+        for p, s in todo:
+            problems += shard_problems(p, s, self.vocab_size, reread=full)
         if not self.tokenizer_path.is_file():
             problems.append(f"{self.tokenizer_path}: missing")
         return problems
+
+    def check(self) -> None:
+        """Raise one :class:`DataError` naming every damaged file (see :meth:`verify`)."""
+        problems = self.verify()
+        if problems:
+            n = len(problems)
+            raise DataError(f"{self.root}: damaged dataset, not used ({n} problem{'s' if n > 1 else ''}): "
+                            + "; ".join(problems) + f". {REMAKE[0].upper()}{REMAKE[1:]}")
 
 
 def _is_dataset_manifest(path: Path) -> bool:

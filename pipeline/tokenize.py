@@ -7,7 +7,10 @@ shard, documents are cut at line ends into pieces of at most ``piece_chars`` and
 batches on all cores by SentencePiece's native thread pool (cutting after a newline gives the
 same ids as encoding the whole document, because ``\\n`` is a user-defined symbol no merge
 crosses). A finished shard has a ``.json`` sidecar holding its manifest entry; it is written
-after the shard, so the sidecar's existence means the shard is complete.
+after the shard, so the sidecar's existence means the shard is complete, and a re-run skips a shard
+only when it still verifies against its sidecar (size, structure, sha256, token ids: see
+``pipeline/shards.py``), so a damaged shard is made again, never trusted. One process writes a
+dataset directory at a time (:class:`~llmforge.pipeline.fsutil.DirLock`).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from llmforge.config import Config, control
-from llmforge.pipeline.fsutil import atomic_path, atomic_write_json, clean_temp, read_json
-from llmforge.pipeline.shards import MANIFEST_NAME, Dataset, split_summary, token_dtype, write_manifest, write_shard
+from llmforge.pipeline.fsutil import DirLock, atomic_path, atomic_write_json, clean_temp, read_json
+from llmforge.pipeline.shards import (MANIFEST_NAME, Dataset, shard_problems, split_summary, token_dtype,
+                                      write_manifest, write_shard)
 from llmforge.pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, _chunks
 from llmforge.stage import Stage
 
@@ -43,7 +47,8 @@ class TokenizeConfig(Config):
 
 class TokenizeStage(Stage):
     """Cleaned parts -> token shards (``tokens-<key>/``, the dataset ``llmforge train`` reads).
-    Complete when its ``manifest.json`` exists and every shard it lists has the recorded size."""
+    Complete when its ``manifest.json`` exists and every shard it lists verifies (size, structure,
+    sha256 and token ids; cheap once recorded, see ``pipeline/shards.py``)."""
 
     name = "tokenize"
 
@@ -60,7 +65,7 @@ class TokenizeStage(Stage):
     def completed(self) -> dict | None:
         if not (self.out_dir / MANIFEST_NAME).is_file():
             return None
-        ds = Dataset.open(self.out_dir)
+        ds = Dataset.open(self.out_dir, check=False)
         return None if ds.verify() else ds.manifest
 
     def jobs(self, parts: dict[str, list[Path]]) -> list[tuple[str, Path]]:
@@ -82,13 +87,16 @@ class TokenizeStage(Stage):
         can), then write the manifest that completes the stage."""
         from llmforge.pipeline.fsutil import serial_map
 
-        jobs = self.jobs(parts)
-        results = (map_units or serial_map)(self.encode, jobs)
-        entries: dict[str, list[dict]] = {split: [] for split in parts}
-        for (split, _), entry in zip(jobs, results):
-            entries[split].append(entry)
-        return finalize(self.out_dir, entries, fingerprint=self.key, tokenizer=self.tokenizer,
-                        clean_manifest=clean_manifest, config={"corpus": corpus})
+        with DirLock(self.out_dir):
+            if (done := self.completed()) is not None:  # finished by another run meanwhile
+                return done
+            jobs = self.jobs(parts)
+            results = (map_units or serial_map)(self.encode, jobs)
+            entries: dict[str, list[dict]] = {split: [] for split in parts}
+            for (split, _), entry in zip(jobs, results):
+                entries[split].append(entry)
+            return finalize(self.out_dir, entries, fingerprint=self.key, tokenizer=self.tokenizer,
+                            clean_manifest=clean_manifest, config={"corpus": corpus})
 
 
 def shard_name(part: Path) -> str:
@@ -120,12 +128,14 @@ def tokenize_part(part: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
     part, out_dir = Path(part), Path(out_dir)
     out = out_dir / shard_name(part)
     sidecar = out.with_suffix(".json")
+    tok = Tokenizer.load(tokenizer_path)
     if sidecar.is_file() and out.is_file():
         entry = read_json(sidecar)
-        if entry.get("size") == out.stat().st_size:
+        problems = shard_problems(out, entry, tok.vocab_size)
+        if not problems:
             return {**entry, "skipped": True}
+        log.warning("making %s again: %s", out, "; ".join(problems))
     t0 = time.time()
-    tok = Tokenizer.load(tokenizer_path)
     dtype = token_dtype(tok.vocab_size)
     all_ids: list[str] = []
     n_bytes: list[int] = []
@@ -179,6 +189,9 @@ def finalize(out_dir: str | os.PathLike, entries: dict[str, list[dict]], *, fing
                     key=lambda e: e["file"])
         splits[split] = split_summary(es)
     vocab = int(tokenizer["vocab_size"])
+    # what the dataset occupies: shards + tokenizer (the per-shard sidecars and verification
+    # records, ~0.5 KB each, are left out so the manifest is the same bytes on every run)
+    disk_bytes = sum(e["size"] for es in splits.values() for e in es["shards"]) + tok_dst.stat().st_size
     manifest = {
         "fingerprint": fingerprint,
         "tokenizer": {
@@ -189,6 +202,7 @@ def finalize(out_dir: str | os.PathLike, entries: dict[str, list[dict]], *, fing
         },
         "token_dtype": np.dtype(token_dtype(vocab)).name,
         "splits": splits,
+        "disk_bytes": disk_bytes,
         # counts only (no timings): the manifest of a given dataset is the same bytes on every run
         "clean": {"fingerprint": clean_manifest["fingerprint"],
                   "stats": {k: v for k, v in clean_manifest.get("stats", {}).items() if not k.endswith("seconds")}},

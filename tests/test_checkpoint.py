@@ -243,3 +243,43 @@ def test_checkpoint_carries_its_tokenizer(tmp_path: Path):
     bare = save_checkpoint(tmp_path / "bare.pt", step=1, **state(m, opt, 1))
     with pytest.raises(CheckpointError, match="no tokenizer"):
         checkpoint_tokenizer(load_checkpoint(bare))
+
+
+def test_non_finite_weights_are_never_written_and_rotation_keeps_the_newest_finite(tmp_path: Path):
+    d = tmp_path / "ckpts"
+    m, opt = fresh()
+    bad = state(m, opt, 0)
+    bad["model_state"] = {**bad["model_state"], "lm_head.weight": torch.full((61, 16), float("nan"))}
+    with pytest.raises(CheckpointError, match=r"x\.pt: not written.*lm_head\.weight \(976 NaN of 976"):
+        save_checkpoint(tmp_path / "x.pt", step=1, **bad)
+    assert not (tmp_path / "x.pt").exists()
+    # a directory that already holds non-finite checkpoints of later steps (written by older code)
+    d.mkdir()
+    for step in (8, 9):
+        torch.save({"format": "llmforge.checkpoint", "format_version": 1, "step": step, **bad}, d / f"ckpt-{step:08d}.pt")
+    mgr = CheckpointManager(d, keep_last=2)
+    assert mgr.last_good() is None
+    for step in (1, 2, 3):
+        mgr.save(step, **state(m, opt, step))
+    assert [s for s, _ in mgr.checkpoints()] == [3, 8, 9]  # the newest finite one is never rotated away
+    assert mgr.last_good() == d / "ckpt-00000003.pt"
+    assert mgr.save(4, **{**state(m, opt, 4), "model_state": bad["model_state"]}) is None
+    assert not (d / "ckpt-00000004.pt").exists()
+    assert json.loads((d / "latest.json").read_text())["latest"] == "ckpt-00000003.pt"
+    assert CheckpointManager(d, keep_last=2).last_good() == d / "ckpt-00000003.pt"  # found again by loading
+
+
+def test_best_is_a_weights_only_copy_that_survives_rewrites(tmp_path: Path):
+    d = tmp_path / "ckpts"
+    mgr = CheckpointManager(d, keep_last=1)
+    m, opt = fresh()
+    mgr.save(10, val_loss=2.0, **state(m, opt, 10))
+    best = load_checkpoint(d / "best.pt")
+    assert best["step"] == 10 and best["val_loss"] == 2.0 and best["optimizer_state"] is None
+    assert best["config"]["model"] == CFG.to_dict() and best["lineage"] == LINEAGE
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in best["model_state"].items())
+    assert os.stat(d / "best.pt").st_ino != os.stat(d / "ckpt-00000010.pt").st_ino
+    before = (d / "best.pt").read_bytes()
+    train_steps(m, opt, 1)
+    mgr.save(20, val_loss=2.5, **state(m, opt, 20))  # worse: best.pt stays, ckpt-10 is rotated away
+    assert not (d / "ckpt-00000010.pt").exists() and (d / "best.pt").read_bytes() == before

@@ -117,3 +117,24 @@ def test_loader_maps_the_shards_instead_of_copying_them(ds: Dataset) -> None:
         while isinstance(base.base, np.ndarray):
             base = base.base
         assert not isinstance(base.base, (bytes, bytearray))  # backed by the Arrow memory map
+
+
+def test_loader_refuses_token_ids_beyond_the_vocabulary_even_with_a_matching_sha256(tmp_path) -> None:
+    """A shard written with ids the model has no embedding for (another tokenizer's, say) has a
+    manifest that matches it byte for byte: only the id check stands between it and an
+    IndexError deep inside the first forward pass."""
+    from llmforge.errors import DataError
+    from llmforge.pipeline.shards import split_summary, write_manifest, write_shard
+
+    root = tmp_path / "ds"
+    (root / "train").mkdir(parents=True)
+    (root / "tokenizer.model").write_bytes(b"x")
+    tokens = np.array([5, 9, 1, 7, 700, 1, 3, 4, 1], dtype=np.uint16)  # vocab 512, EOS 1
+    entry = write_shard(root / "train" / "s0.arrow", ["a", "b", "c"], [3, 3, 3], tokens, [3, 3, 3], eos_id=1)
+    write_manifest(root, {"fingerprint": "f", "token_dtype": "uint16", "splits": {"train": split_summary([entry])},
+                          "tokenizer": {"file": "tokenizer.model", "vocab_size": 512, "eos_id": 1, "fingerprint": "t"}})
+    with pytest.raises(DataError, match=r"s0\.arrow: token id 700 at position 4 is not below the vocabulary size 512"):
+        ShardBatcher(Dataset.open(root), "train", 4, 2, seed=0)
+    assert Dataset.open(root, check=False).verify(full=True) == [
+        f"{root / 'train' / 's0.arrow'}: token id 700 at position 4 is not below the vocabulary size 512 "
+        "(1 such tokens)"]
