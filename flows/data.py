@@ -189,6 +189,12 @@ def process_flow(spec: dict, out: str, tokenizer_model: str | None, downloads: l
     if not skipped:
         metrics.update({"tokenize.seconds": secs, "tokenize.mb_per_s": kept_bytes / max(secs, 1e-9) / 1e6})
     metrics["total.seconds"] = time.time() - t_all
+    tok_manifest = Dataset.open(tokenize.out_dir, check=False).manifest
+    for key, value in (("clean.disk_bytes", manifest.get("disk_bytes")),
+                       ("clean.disk_bytes_peak", manifest.get("disk_bytes_peak")),
+                       ("tokens.disk_bytes", tok_manifest.get("disk_bytes"))):
+        if value is not None:
+            metrics[key] = value
 
     md = summary_markdown(plan.spec.name, rows, tokenize.out_dir)
     create_markdown_artifact(md, key="prepare-summary", description=f"prepare {plan.spec.name}")

@@ -162,7 +162,10 @@ class FinetuneStage(Stage):
         return summary
 
     def run(self, *, experiment: str = tracking.EXPERIMENT, parent_run_id: str | None = None) -> dict[str, Any]:
-        return finetune(self, experiment=experiment, parent_run_id=parent_run_id)
+        from llmforge.pipeline.fsutil import DirLock
+
+        with DirLock(self.out_dir):  # one writer per output directory
+            return finetune(self, experiment=experiment, parent_run_id=parent_run_id)
 
 
 def _lora_hook(cfg: FinetuneConfig):

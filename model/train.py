@@ -44,7 +44,7 @@ from llmforge.model.checkpoint import (
 from llmforge.model.data import BatchSource, Prefetcher, ShardBatcher
 from llmforge.model.evaluate import SplitScorer
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
-from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, resolve_model
+from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, preset_path, resolve_model
 from llmforge.model.runtime import DistInfo, all_reduce, autocast, peak_flops, resolve_device, resolve_dtype
 from llmforge.pipeline.fsutil import DirLock, atomic_write_json, atomic_write_text, read_json
 from llmforge.pipeline.shards import Dataset
@@ -258,6 +258,8 @@ class TrainStage(Stage):
                  init_from: str | os.PathLike | None = None, runs_root: str | os.PathLike = "runs"):
         self.config = recipe
         self.data_dir = Path(data_dir)
+        if init_from is None:
+            preset_path(recipe.model.preset)  # a wrong name fails before the data is opened (and checked)
         self.dataset = Dataset.open(data_dir)
         for split in (recipe.train.train_split,):
             if split not in self.dataset.splits():

@@ -562,7 +562,10 @@ class DownloadStage(Stage):
         return _entry(src, final, final.stat().st_size, digest, skipped=True)
 
     def run(self, progress: bool = True) -> dict:
-        return fetch(self.config, self.dest_dir, progress=progress)
+        from llmforge.pipeline.fsutil import DirLock
+
+        with DirLock(self.dest_dir):  # one downloading process per downloads/ directory
+            return fetch(self.config, self.dest_dir, progress=progress)
 
 
 def fetch_all(sources: Iterable[SourceSpec | Mapping[str, Any] | str], dest_dir: Path, *,

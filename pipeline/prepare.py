@@ -45,6 +45,19 @@ class Prepare:
     def tokenize(self, clean: CleanStage, tokenizer: dict) -> TokenizeStage:
         return TokenizeStage(self.spec.tokenize, clean.key, tokenizer, self.root)
 
+    def directories(self) -> list[Path]:
+        """The stage directories this plan can name without doing any work (a download that is not
+        there yet hides the ones after it)."""
+        out = [d.dest_dir for d in self.downloads if not d.config.is_local]
+        downloads = [d.completed() for d in self.downloads]
+        if all(d is not None for d in downloads):
+            clean = self.clean(downloads)  # type: ignore[arg-type]
+            out.append(clean.out_dir)
+            tok_stage = self.tokenizer(clean)
+            if tok_stage is not None:
+                out.append(tok_stage.out_dir)
+        return out
+
     def done(self) -> Path | None:
         """The dataset directory when every stage is complete and verifies, else None (without
         touching the network or writing anything)."""

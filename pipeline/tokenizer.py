@@ -226,7 +226,10 @@ class TokenizerStage(Stage):
         return None if m is None else {**m, "path": str(self.out_dir / TOKENIZER_FILE)}
 
     def run(self, texts: Iterable[str], total_bytes: int) -> dict:
-        m = train_tokenizer(texts, total_bytes, self.config, self.out_dir)
+        from llmforge.pipeline.fsutil import DirLock
+
+        with DirLock(self.out_dir):  # one writer per output directory
+            m = train_tokenizer(texts, total_bytes, self.config, self.out_dir)
         return {**m, "path": str(self.out_dir / TOKENIZER_FILE)}
 
 

@@ -81,7 +81,11 @@ def build(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from llmforge.console import say
 
+    from llmforge.flows.commands.train import busy
+
     cfg, stage = build(args)
+    if stage is not None:
+        busy(stage.out_dir)
     summary = stage.completed() if stage is not None else None
     if summary is not None:
         say("(already fine-tuned with these inputs: nothing to do)")

@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     corpus = args.corpus if (args.corpus or args.source) else "quickstart"
     spec = load_spec(corpus, args.source, args.vocab_size, overrides)
     plan = Prepare(spec, args.out, args.tokenizer)
+    from llmforge.flows.commands.train import busy
+
+    for directory in plan.directories():
+        busy(directory)
     if (ds_dir := plan.done()) is not None:
         say(f"dataset ready (every stage was done before): {ds_dir / 'manifest.json'}\n  {dataset_line(ds_dir)}\n"
             f"  train with: llmforge train --data {ds_dir}")

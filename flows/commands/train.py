@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe, overrides, stage = build(args)
     in_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    busy(stage.out_dir)
     if (done := stage.completed()) is not None and not in_torchrun:
         say(f"{stage.out_dir}: already trained to step {done['step']}; nothing to do")
         _report(done, stage)
@@ -87,6 +88,15 @@ def run(args: argparse.Namespace) -> int:
         _report(summary, stage)
         say(f"  browse with: {tracking.ui_hint(args.experiment)}")
     return 0
+
+
+def busy(directory) -> None:
+    """A directory another process is writing: say so now, before any server starts."""
+    from llmforge.errors import UserError
+    from llmforge.pipeline.fsutil import lock_holder
+
+    if (holder := lock_holder(directory)) is not None:
+        raise UserError(f"{directory}: in use by {holder}; wait for it to finish (or stop it), then run this again")
 
 
 def _report(summary: dict, stage) -> None:
