@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from llmforge.config import Config
 from llmforge.errors import DataError, NotFound
-from llmforge.pipeline.fsutil import atomic_write_json, read_json, sha256_file
+from llmforge.pipeline.fsutil import DiskFull, _is_disk_full, atomic_write_json, read_json, sha256_file
 from llmforge.pipeline.readers import SkippedEntry, walk_regular_files
 from llmforge.stage import Stage
 
@@ -392,6 +392,10 @@ def _attempt(session: requests.Session, src: SourceSpec, part: _PartFile, bar: t
         except _TRANSIENT as e:
             raise _Retry(f"connection lost after {got} bytes of this response: {type(e).__name__}: {e}") from e
         except OSError as e:
+            if _is_disk_full(e, part.path.parent):
+                need = f"; {src.size - part.size:,} bytes more needed" if src.size else ""
+                raise DiskFull(f"{part.path}: no space left on the device while downloading {url} ({part.size:,} "
+                               f"bytes kept: free some space and run again, it resumes from them{need})") from None
             raise DownloadError(f"{part.path}: cannot write download of {url}: {e}") from e
         if body_len is not None and got < body_len:
             raise _Retry(f"truncated body: got {got} of {body_len} bytes")
@@ -511,6 +515,7 @@ def fetch(src: SourceSpec, dest_dir: Path, *, retries: int = 5, backoff: float =
                 reason, retry_after = str(e), e.retry_after
             except _TRANSIENT as e:
                 reason, retry_after = f"{type(e).__name__}: {e}", None
+
             if attempts > retries:
                 raise DownloadError(
                     f"{url}: giving up after {attempts} attempts; last error: {reason} "

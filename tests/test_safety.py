@@ -378,6 +378,18 @@ def test_checkpoint_on_a_full_disk_names_the_file_and_the_space(tmp_path: Path) 
         assert not list(disk.glob(".*.tmp"))  # and nothing half-written stays
 
 
+def test_download_on_a_full_disk_names_the_file_and_keeps_what_it_has_for_the_next_run(tmp_path, http_server):
+    from llmforge.pipeline.download import fetch
+
+    (http_server.root / "big.bin").write_bytes(os.urandom(3_000_000))
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        with pytest.raises(UserError) as e:
+            fetch(http_server.url("big.bin"), disk / "downloads", progress=False, retries=0)
+        msg = str(e.value)
+        assert "big.bin.part" in msg and "no space left" in msg and "\n" not in msg, msg
+        assert not (disk / "downloads" / "big.bin").exists()  # only a verified file ever gets the final name
+
+
 @pytest.mark.slow
 def test_prepare_on_a_full_disk_fails_in_one_line_naming_the_file(tmp_path: Path, prefect_server) -> None:
     import yaml
