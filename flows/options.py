@@ -63,4 +63,21 @@ def _check(validate: Callable[[dict, str], Any], data: dict, source: str, key: s
         raise ConfigError(msg) from None
 
 
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """Flags for every sampling field, and ``--set sampling.NAME=VALUE`` (generate, chat)."""
+    from llmforge.model.generate import SamplingConfig
+
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="a sampling field, e.g. --set sampling.top_k=40; repeatable")
+    add_flags(p, SamplingConfig, "sampling", title="sampling options (also --set sampling.NAME=VALUE)")
+
+
+def sampling_from(args: argparse.Namespace):
+    """The validated :class:`~llmforge.model.generate.SamplingConfig` of those options."""
+    from llmforge.model.generate import GenerateOptions
+
+    root, _ = settings(args, {}, lambda d, src: GenerateOptions.load(d, source=src), "defaults")
+    return root.sampling
+
+
 __all__ = ["add_config_options", "add_flags", "add_run_options", "settings"]

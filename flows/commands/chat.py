@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmforge.flows.options import add_flags
+from llmforge.flows.options import add_sampling_options, sampling_from
 
 HELP = "chat with a model (its stored chat template, streamed, history within the context)"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from llmforge.model.generate import SamplingConfig
-
     p.add_argument("model", help="a checkpoint (a fine-tune's model.pt, best.pt), a run directory, an "
                    "`llmforge export --format hf` directory, or models:/NAME/VERSION")
     p.add_argument("--system", default=None, help="a system message put before the conversation")
@@ -35,22 +33,18 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="longest reply in tokens (default: half the model's context, at most 256)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda[:N]")
     p.add_argument("--show-prompt", action="store_true", help="print each prompt the model sees to stderr")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                   help="a sampling field, e.g. --set sampling.top_k=40; repeatable")
-    add_flags(p, SamplingConfig, "sampling", title="sampling options (also --set sampling.NAME=VALUE)")
+    add_sampling_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from llmforge.errors import ConfigError
-    from llmforge.flows.options import settings
     from llmforge.model.chat import Conversation, chat_loop
-    from llmforge.model.generate import GenerateOptions, IncrementalDecoder, generate, load_model
+    from llmforge.model.generate import IncrementalDecoder, generate, load_model
     from llmforge.model.runtime import check_device
 
-    root, _ = settings(args, {}, lambda d, src: GenerateOptions.load(d, source=src), "defaults")
-    sampling = root.sampling
+    sampling = sampling_from(args)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     check_device(args.device)

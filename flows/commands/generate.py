@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmforge.flows.options import add_flags
+from llmforge.flows.options import add_sampling_options, sampling_from
 
 HELP = "sample text from a checkpoint (KV-cached, streamed)"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from llmforge.model.generate import SamplingConfig
-
     p.add_argument("checkpoint", help="a checkpoint file (best.pt, ckpt-*.pt, a fine-tune's model.pt), a run directory, "
                    "an `llmforge export --format hf` directory, or a registered model (models:/NAME/VERSION)")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
@@ -31,9 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda[:N]")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole context each step")
     p.add_argument("--no-echo", action="store_true", help="print only the continuation")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                   help="a sampling field, e.g. --set sampling.top_k=40; repeatable")
-    add_flags(p, SamplingConfig, "sampling", title="sampling options (also --set sampling.NAME=VALUE)")
+    add_sampling_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,12 +38,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from llmforge.errors import ConfigError
-    from llmforge.flows.options import settings
-    from llmforge.model.generate import GenerateOptions, IncrementalDecoder, SamplingConfig, generate, load_model
+    from llmforge.model.generate import IncrementalDecoder, generate, load_model
     from llmforge.model.runtime import check_device
 
-    root, _ = settings(args, {}, lambda d, src: GenerateOptions.load(d, source=src), "defaults")
-    sampling: SamplingConfig = root.sampling
+    sampling = sampling_from(args)
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
     check_device(args.device)
