@@ -21,10 +21,10 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from llmforge import tracking
 from llmforge.console import say, warn
 from llmforge.errors import ConfigError
-from llmforge.pipeline.config import CorpusSpec, load_corpus
+from llmforge.pipeline.config import CorpusSpec
 from llmforge.pipeline.download import DownloadStage
 from llmforge.pipeline.fsutil import atomic_write_json, human_bytes
-from llmforge.pipeline.prepare import Prepare, clean_warnings, dataset_line, rate, summary_markdown
+from llmforge.pipeline.prepare import Prepare, clean_warnings, dataset_line, load_spec, rate, summary_markdown
 from llmforge.pipeline.shards import Dataset
 
 
@@ -73,14 +73,6 @@ def make_task_runner(kind: str | None, workers: int | None):
                                                   "dashboard_address": None})
         return DaskTaskRunner(address=kind.replace("dask://", "tcp://"))
     raise ConfigError(f"--task-runner {kind}: use thread, process, dask or tcp://scheduler:8786")
-
-
-def load_spec(corpus: str | None, sources: list[str] | None, vocab_size: int | None,
-              overrides: dict[str, Any] | None) -> CorpusSpec:
-    ov = dict(overrides or {})
-    if vocab_size:
-        ov = {**ov, "tokenizer": {**ov.get("tokenizer", {}), "vocab_size": vocab_size}}
-    return load_corpus(corpus, sources=sources, overrides=ov)
 
 
 # ---------------------------------------------------------------- the flow

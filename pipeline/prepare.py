@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from llmforge.errors import ConfigError
-from llmforge.pipeline.config import CorpusSpec
+from llmforge.pipeline.config import CorpusSpec, load_corpus
 from llmforge.pipeline.download import DownloadStage
 from llmforge.pipeline.extract import CleanStage
 from llmforge.pipeline.fsutil import human_bytes
 from llmforge.pipeline.tokenize import TokenizeStage
 from llmforge.pipeline.tokenizer import TokenizerStage, tokenizer_manifest
+
+
+def load_spec(corpus: str | None, sources: list[str] | None, vocab_size: int | None,
+              overrides: dict[str, Any] | None) -> CorpusSpec:
+    ov = dict(overrides or {})
+    if vocab_size:
+        ov = {**ov, "tokenizer": {**ov.get("tokenizer", {}), "vocab_size": vocab_size}}
+    return load_corpus(corpus, sources=sources, overrides=ov)
 
 
 class Prepare:

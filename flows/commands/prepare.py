@@ -47,8 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from llmforge.console import say
     from llmforge.errors import ConfigError
-    from llmforge.flows.data import load_spec
-    from llmforge.pipeline.prepare import Prepare, dataset_line
+    from llmforge.pipeline.prepare import Prepare, dataset_line, load_spec
 
     overrides = {k: v for k, v in (("format", args.format), ("text_key", args.text_key)) if v}
     if args.workers is not None and args.workers < 1:
