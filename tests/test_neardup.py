@@ -1,10 +1,12 @@
 """Near-duplicate detection: planted near-copies are found, distinct documents are not, the
 result is reproducible, memory holds signatures, not texts; the corpus-scale pass (signature
 files written by the clean workers, then band by band) drops exactly what the sequential index
-drops, in a few bytes per document."""
+drops, in a few bytes per document, and the clean stage using it resumes after a kill anywhere."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
@@ -18,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pydantic
 import pytest
 import zstandard
@@ -26,9 +29,9 @@ from llmforge.pipeline.neardup import (NearDupConfig, NearDupIndex, Signer, Sign
                                        find_near_duplicates, near_duplicates)
 
 try:
-    from support.corpora import stdlib_paragraphs
+    from support.corpora import stdlib_paragraphs, write_jsonl
 except ImportError:  # tests/ imported as a package
-    from tests.support.corpora import stdlib_paragraphs
+    from tests.support.corpora import stdlib_paragraphs, write_jsonl
 
 
 def distinct_docs(n: int, min_words: int = 250, seed: int = 0) -> list[str]:
@@ -330,3 +333,100 @@ def test_band_pass_memory_is_a_few_bytes_per_document_not_a_signature(tmp_path):
     # measured: +~3 MB, numpy peak ~35 B per document (a band's hashes, their sort order, the ids)
     assert r["traced"] < 64 * n + 2_000_000
     assert r["grown"] < 8_000_000 + 100 * n
+
+
+# ---------------------------------------------------------------------------------------------
+# the clean stage with near-dup removal on
+
+
+def _clean_stage(tmp_path: Path, out: Path, texts: list[str]):
+    from llmforge.pipeline.config import CorpusSpec
+    from llmforge.pipeline.prepare import Prepare
+
+    sources = []
+    for i, part in enumerate((texts[:60], texts[60:110], texts[110:])):  # three sources: three units
+        path = tmp_path / "src" / f"s{i}.jsonl"
+        if not path.exists():
+            write_jsonl(path, part)
+        sources.append({"url": str(path)})
+    spec = CorpusSpec.load({"name": "nd", "sources": sources, "clean": {"quality": False, "min_chars": 20},
+                            "neardup": {"enabled": True}, "split": {"val_fraction": 0.1, "part_bytes": 30_000}})
+    plan = Prepare(spec, out)
+    return plan.clean([d.completed() or d.run(progress=False) for d in plan.downloads])
+
+
+def _kept_texts(stage, manifest) -> list[str]:
+    return [t for split in ("train", "val") for p in stage.parts(manifest)[split]
+            for t in pq.read_table(p, columns=["text"]).column("text").to_pylist()]
+
+
+def test_clean_stage_drops_the_planted_copies_and_keeps_only_parts(tmp_path):
+    stream, _ = planted_corpus()
+    texts = [t for _, t in stream] + [stream[3][1]]  # and one exact duplicate
+    stage = _clean_stage(tmp_path, tmp_path / "out", texts)
+    manifest, _ = stage.ensure()
+    expected = find_near_duplicates(stream, NearDupConfig(enabled=True))
+    kept = _kept_texts(stage, manifest)
+    assert sorted(kept) == sorted(t for k, t in stream if k not in expected)
+    c = manifest["stats"]["counts"]
+    assert c["dropped.near_duplicate"] == c["neardup.dropped"] == len(expected) > 50
+    assert c["dropped.duplicate"] == 1 and c["neardup.docs"] == len(stream)
+    assert c["neardup.candidate_pairs"] >= len(expected) and c["neardup.capped_buckets"] == 0
+    units = sorted((stage.out_dir / "units").iterdir())
+    assert [p.suffix for p in units] == [".json"] * 3  # text and signatures removed with the manifest
+    shapes = [json.loads(p.read_text())["minhash"] for p in units]
+    assert sum(s["documents"] for s in shapes) == len(texts) and all(s["bands"] == 14 for s in shapes)
+    assert manifest["disk_bytes_peak"] > manifest["disk_bytes"] + 624 * len(texts)  # the signatures counted
+
+
+class Killed(BaseException):
+    """What a kill -9 looks like from inside: nothing after this point runs."""
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_commit_of_the_clean_stage_then_a_rerun_gives_the_same_parts(tmp_path, monkeypatch):
+    """Stop the stage just before and just after each file it renames into place (as a kill -9
+    would), run it again, and compare the parts with an uninterrupted run."""
+    texts = [t for _, t in planted_corpus()[0]]
+
+    def digest(stage, manifest) -> dict:
+        return {f"{s}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+                for s in ("train", "val") for p in stage.parts(manifest)[s]}
+
+    real_replace = os.replace
+    commits = [0]
+
+    def counting(a, b, **kw):
+        commits[0] += 1
+        return real_replace(a, b, **kw)
+
+    ref_stage = _clean_stage(tmp_path, tmp_path / "ref", texts)
+    monkeypatch.setattr(os, "replace", counting)
+    ref_manifest = ref_stage.run()
+    monkeypatch.setattr(os, "replace", real_replace)
+    ref = digest(ref_stage, ref_manifest)
+    assert commits[0] >= 12 and len(ref) >= 3
+    for k in range(1, commits[0] + 1):
+        for after in (False, True):
+            stage = _clean_stage(tmp_path, tmp_path / f"kill-{k}-{after}", texts)
+            seen = [0]
+
+            def replace(a, b, **kw):
+                seen[0] += 1
+                if seen[0] == k and not after:
+                    raise Killed()
+                r = real_replace(a, b, **kw)
+                if seen[0] == k:
+                    raise Killed()
+                return r
+
+            monkeypatch.setattr(os, "replace", replace)
+            with contextlib.suppress(Killed):
+                stage.run()
+            monkeypatch.setattr(os, "replace", real_replace)
+            done = {p: p.stat().st_mtime_ns for p in stage.out_dir.glob("units/*.json")}
+            manifest, _ = stage.ensure()
+            assert {p: p.stat().st_mtime_ns for p in done} == done, (k, after)  # finished units are not redone
+            assert digest(stage, manifest) == ref, (k, after)
+            assert manifest["stats"]["counts"] == ref_manifest["stats"]["counts"], (k, after)
+            assert not list(stage.out_dir.glob("units/*.minhash")) and not list(stage.out_dir.glob("units/.*"))
