@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 import time
 import tracemalloc
 from collections import Counter
