@@ -25,7 +25,8 @@ Printed: per size, the wall time, MB/s, per-stage seconds, peak RSS (the flow pr
 largest worker) and peak/final disk, with ratios to the smallest size; whether cost grows
 linearly (the largest run's time ratio within [1.0, 1.15] x its size ratio: 4.0-4.6x for 0.5 ->
 2 GB) and RSS stays flat (within 15%); the precision and recall of near-duplicate removal on the
-planted near-duplicates; an extrapolation to OpenWebText (40 GB of text, 8.0M documents) on 2 and
+planted near-duplicates, with its cost (MinHash signing in the clean workers, docs/s per worker;
+the band passes in the flow process, seconds, candidate pairs and capped buckets); an extrapolation to OpenWebText (40 GB of text, 8.0M documents) on 2 and
 16 cores, its disk and the flow process's memory; and whether the smallest corpus on a local Dask
 cluster of two worker processes gives byte-identical shards. Results also go to --out/results.json.
 """
@@ -357,7 +358,12 @@ def neardup_quality(run: dict, meta: dict) -> dict:
     caught = sum(c not in kept for _, c in pairs)
     counts = run["clean"]["stats"]["counts"]
     dropped = int(counts.get("dropped.near_duplicate", 0))
-    return {"planted": len(meta["planted"]["near"]), "scored": len(pairs), "caught": caught,
+    signed = [json.loads(p.read_text()).get("minhash") for p in run["clean_dir"].glob("units/unit-*.json")]
+    signed = [m for m in signed if m]
+    return {"sign_docs": sum(m["documents"] for m in signed), "sign_s": sum(m["seconds"] for m in signed),
+            "pass_s": run["clean"]["stats"].get("neardup_seconds", float("nan")),
+            "candidate_pairs": int(counts.get("neardup.candidate_pairs", 0)),
+            "capped_buckets": int(counts.get("neardup.capped_buckets", 0)),"planted": len(meta["planted"]["near"]), "scored": len(pairs), "caught": caught,
             "recall": caught / len(pairs) if pairs else float("nan"),
             "flagged": dropped, "precision": caught / dropped if dropped else float("nan"),
             "exact_planted": len(meta["planted"]["exact"]), "exact_dropped": int(counts.get("dropped.duplicate", 0)),
@@ -547,17 +553,19 @@ def main() -> int:
               f"{'flat (within 15%)' if abs(v - 1) <= 0.15 else 'NOT FLAT'}")
     docs_delta = metas[top_s]["documents"] - metas[base_s]["documents"]
     rss_per_doc = max(top["rss"].get("flow", 0) - base["rss"].get("flow", 0), 0) / max(docs_delta, 1)
-    print(f"  (the flow process runs the near-duplicate pass, whose index grows by "
-          f"{rss_per_doc / 1e3:.1f} KB per document)")
+    print(f"  (the flow process runs the near-duplicate pass; its peak RSS grows by "
+          f"{rss_per_doc / 1e3:.2f} KB per document)")
 
     print("\nnear-duplicate removal on the planted near-duplicates (3 words changed):\n")
     print("| text | planted | caught | recall | flagged in all | precision | exact dups planted / dropped "
-          "| junk planted / dropped |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| junk planted / dropped | signing docs/s per worker | band passes s | candidate pairs | capped buckets |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s, r in results["sizes"].items():
         q = r["neardup"]
+        sign = f"{q['sign_docs'] / q['sign_s']:,.0f}" if q.get("sign_s") else "-"  # (before signing moved to workers)
         print(f"| {s:g} GB | {q['scored']} | {q['caught']} | {q['recall']:.3f} | {q['flagged']} | {q['precision']:.3f} | "
-              f"{q['exact_planted']} / {q['exact_dropped']} | {q['junk_planted']} / {q['junk_dropped']} |")
+              f"{q['exact_planted']} / {q['exact_dropped']} | {q['junk_planted']} / {q['junk_dropped']} | {sign} | "
+              f"{q['pass_s']:.1f} | {q['candidate_pairs']:,} | {q['capped_buckets']} |")
 
     ext = extrapolate(top, args.workers, results["tokenizer"]["seconds"], results["tokenizer"]["sample_bytes"],
                       rss_per_doc)
@@ -574,7 +582,8 @@ def main() -> int:
     print(f"\ndisk: download {mb(OWT_DOWNLOAD)} + cleaned parts {mb(ext['parts'])} + token shards "
           f"{mb(ext['tokens'])} = {mb(ext['disk_final'])} at the end; peak {mb(ext['disk_peak'])} "
           f"({'fits' if ext['disk_peak'] < 64 * 2**30 * 0.95 else 'does NOT fit'} a 64 GiB disk)")
-    print(f"memory: the near-duplicate pass holds ~{mb(ext['flow_rss'])} for 8.0M documents in the flow process")
+    print(f"memory: the flow process's peak RSS grows by ~{mb(ext['flow_rss'])} for 8.0M documents (linear "
+          f"extrapolation of its growth from {base_s:g} to {top_s:g} GB)")
     if "dask" in results:
         dk = results["dask"]
         print(f"\nDask (local cluster, {args.workers} worker processes) on {dk['size']:g} GB: "

@@ -5,20 +5,24 @@ Two passes, datatrove-style, each with committed units so a kill loses one unit 
 1. :func:`clean_unit` (parallel, one task per unit = one input file or a group of small files):
    stream documents out of the file (``pipeline.readers``), decode/normalise/filter them
    (``pipeline.clean``), and write the survivors to ``units/<unit>.parquet`` with a 128-bit
-   content hash, plus ``units/<unit>.json`` holding the counted outcome (written last: the unit
-   is done iff it exists).
+   content hash; with near-dup removal on, also each survivor's MinHash signature and LSH band
+   hashes to ``units/<unit>.minhash`` (``pipeline.neardup.SignatureWriter``); then
+   ``units/<unit>.json`` holding the counted outcome (written last: the unit is done iff it
+   exists).
 2. :func:`finalize` (sequential, cheap): exact deduplication over the whole corpus (first
-   occurrence in unit order wins, using the hashes only), a deterministic train/val split by
-   a second hash of the text, and repacking of the kept documents into ``train/part-NNNNN.parquet``
-   and ``val/part-NNNNN.parquet`` of about ``part_bytes`` each (zstd-compressed; columns ``id``,
+   occurrence in unit order wins, using the hashes only), near-duplicates if on (band by band
+   over the units' signature files, ``pipeline.neardup.near_duplicates``: a few bytes per
+   document, not a signature), a deterministic train/val split by a second hash of the text,
+   and repacking of the kept documents into ``train/part-NNNNN.parquet`` and
+   ``val/part-NNNNN.parquet`` of about ``part_bytes`` each (zstd-compressed; columns ``id``,
    ``text``). Its ``manifest.json`` is written last and marks the stage complete.
 
 Cleaned text is kept once: when the manifest is written, the units' parquet files (the same text
-again) are removed, and only their small ``.json`` outcomes stay. A kill between the manifest and
-that removal leaves them behind until the stage is next asked for (:meth:`CleanStage.ensure`
-removes them); a unit whose parquet is gone is cleaned again if it is ever needed (a part deleted
-by hand). Peak disk is therefore units + parts during ``finalize`` and parts alone after it; the
-manifest records both (``disk_bytes``, ``disk_bytes_peak``).
+again) and signature files are removed, and only their small ``.json`` outcomes stay. A kill
+between the manifest and that removal leaves them behind until the stage is next asked for
+(:meth:`CleanStage.ensure` removes them); a unit whose parquet is gone is cleaned again if it is
+ever needed (a part deleted by hand). Peak disk is therefore units + parts during ``finalize``
+and parts alone after it; the manifest records both (``disk_bytes``, ``disk_bytes_peak``).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from llmforge.errors import DataError
 from llmforge.pipeline.clean import CleanConfig, clean_document
 from llmforge.pipeline.config import CorpusSpec, SplitConfig
 from llmforge.pipeline.download import scan_directory
-from llmforge.pipeline.neardup import NearDupConfig, find_near_duplicates
+from llmforge.pipeline.neardup import NearDupConfig, SignatureFile, SignatureWriter, near_duplicates
 from llmforge.pipeline.fsutil import (FORMAT_VERSION, DirLock, atomic_path, atomic_write_json, clean_temp, read_json,
                                      serial_map)
 from llmforge.pipeline.readers import ReadLimits, ReadStats, SkippedEntry, iter_documents
@@ -103,7 +107,7 @@ class CleanStage(Stage):
         return m
 
     def clean_unit(self, unit: dict) -> dict:
-        return clean_unit(unit, self.spec.clean, self.out_dir)
+        return clean_unit(unit, self.spec.clean, self.out_dir, self.spec.neardup)
 
     def run(self, map_units: Any = None) -> dict:
         """Clean every unit (``map_units(fn, items)`` runs them, in parallel where the caller
@@ -189,11 +193,14 @@ def _unit_documents(unit: dict, stats: ReadStats) -> Iterator:
                                   separator=unit["separator"], limits=limits)
 
 
-def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict:
-    """Pass 1 for one unit; returns its stats (and skips the work if the unit is already done)."""
+def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike, neardup: NearDupConfig | None = None) -> dict:
+    """Pass 1 for one unit; returns its stats (and skips the work if the unit is already done).
+    With ``neardup`` enabled, also writes the unit's signature file."""
     out_dir = Path(out_dir) / "units"
     stats_path = out_dir / f"{unit['name']}.json"
-    if stats_path.is_file() and (out_dir / f"{unit['name']}.parquet").is_file():
+    signed = neardup is not None and neardup.enabled
+    if (stats_path.is_file() and (out_dir / f"{unit['name']}.parquet").is_file()
+            and (not signed or (out_dir / f"{unit['name']}.minhash").is_file())):
         return {**read_json(stats_path), "skipped": True}
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -203,7 +210,14 @@ def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict
     buffered = 0
     bytes_out = 0
     docs_out = 0
-    with atomic_path(out_dir / f"{unit['name']}.parquet") as tmp:
+    sign_seconds = 0.0
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(out_dir / f"{unit['name']}.parquet"))
+        signatures = None
+        if signed:  # committed just before the parquet file (the exit order), both before the .json
+            sig_tmp = stack.enter_context(atomic_path(out_dir / f"{unit['name']}.minhash"))
+            signatures = SignatureWriter(stack.enter_context(open(sig_tmp, "wb")), neardup, spool_dir=out_dir)
+            stack.callback(signatures.close)
         with pq.ParquetWriter(tmp, UNIT_SCHEMA, compression="zstd") as writer:
             def flush() -> None:
                 nonlocal buffered
@@ -225,6 +239,10 @@ def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict
                 rows["text"].append(text)
                 rows["h"].append(h)
                 rows["s"].append(s)
+                if signatures is not None:
+                    t1 = time.perf_counter()
+                    signatures.add(text)
+                    sign_seconds += time.perf_counter() - t1
                 n = len(text)
                 buffered += n
                 bytes_out += len(text.encode("utf-8", "surrogatepass")) if not text.isascii() else n
@@ -233,6 +251,7 @@ def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict
                     flush()
             flush()
             bar.close()
+        shape = signatures.finish() if signatures is not None else None
     result = {
         "unit": unit["name"],
         "bytes_in": unit["bytes"],
@@ -243,6 +262,8 @@ def clean_unit(unit: dict, cfg: CleanConfig, out_dir: str | os.PathLike) -> dict
         "errors": list(rstats.errors)[:100],
         "seconds": round(time.time() - t0, 3),
     }
+    if shape is not None:  # the signature file's shape, and what signing cost (shingles + MinHash)
+        result["minhash"] = {**shape, "seconds": round(sign_seconds, 3)}
     atomic_write_json(stats_path, result)
     return result
 
@@ -284,13 +305,6 @@ class _PartWriter:
         }
 
 
-def _texts_in_order(paths: list[Path]) -> Iterator[str]:
-    for p in paths:
-        pf = pq.ParquetFile(p)
-        for rg in range(pf.num_row_groups):
-            yield from pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-
-
 def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, *, fp: str,
              neardup: NearDupConfig | None = None, config: dict | None = None) -> dict:
     """Pass 2: dedup (exact, then near-duplicates if enabled), split, repack; write the stage
@@ -316,11 +330,14 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
         keep[first] = True
     dups = int(len(all_h) - keep.sum())
     near = 0
+    sig_paths = [unit_dir / f"{u['name']}.minhash" for u in units]
+    t_near = time.time()
     if neardup is not None and neardup.enabled and keep.any():
-        kept = (t for i, t in enumerate(_texts_in_order(paths)) if keep[i])
-        drop = find_near_duplicates(zip(np.flatnonzero(keep).tolist(), kept), neardup, counts)
-        keep[list(drop)] = False
+        files = [_signature_file(p, st) for p, st in zip(sig_paths, stats)]
+        drop = near_duplicates(files, neardup, eligible=keep, counts=counts)
+        keep[drop] = False
         near = len(drop)
+    near_seconds = time.time() - t_near
     if len(all_h) == 0 or keep.sum() == 0:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted((counts + read_errors).items()) if k.startswith(("read_error.", "dropped.", "decode.")))
         raise NoUsableDocuments(
@@ -362,7 +379,8 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
         "format_version": FORMAT_VERSION,
         "splits": {k: w.summary() for k, w in writers.items()},
         "disk_bytes": kept_bytes,  # what the stage keeps: the parts and the units' outcomes
-        "disk_bytes_peak": kept_bytes + sum(p.stat().st_size for p in paths),  # + the units, during finalize
+        # + the units (text and signatures), during finalize
+        "disk_bytes_peak": kept_bytes + sum(p.stat().st_size for p in paths + sig_paths if p.is_file()),
         "stats": {
             "units": len(units),
             "bytes_in": sum(u["bytes"] for u in units),
@@ -373,6 +391,7 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
             "read_errors": {k: v for k, v in sorted(read_errors.items()) if k.startswith("read_error.")},
             "clean_seconds": round(sum(st["seconds"] for st in stats), 3),
             "finalize_seconds": round(time.time() - t0, 3),
+            "neardup_seconds": round(near_seconds, 3),  # of finalize: the band passes
         },
         "errors": errors[:200],
         "config": config or {},
@@ -382,12 +401,25 @@ def finalize(out_dir: str | os.PathLike, units: list[dict], split: SplitConfig, 
     return manifest
 
 
+def _signature_file(path: Path, stats: dict) -> SignatureFile:
+    """A unit's signature file, checked against the unit's outcome."""
+    shape = stats.get("minhash")
+    if shape is None or not path.is_file():
+        raise DataError(f"{path}: missing: the unit was cleaned without near-duplicate signatures; remove "
+                        f"{path.with_suffix('.json')} and run again")
+    if shape["documents"] != stats["docs_out"]:
+        raise DataError(f"{path}: {shape['documents']} signatures for {stats['docs_out']} documents; remove it "
+                        f"and {path.with_suffix('.json')} and run again")
+    return SignatureFile.open(path, shape)
+
+
 def remove_units(clean_dir: str | os.PathLike) -> int:
-    """Remove the units' parquet files of a completed stage (the parts hold the same text);
-    returns the bytes freed. Their ``.json`` outcomes stay: they are small and name what each
-    unit read and dropped."""
+    """Remove the units' parquet and signature files of a completed stage (the parts hold the
+    same text); returns the bytes freed. Their ``.json`` outcomes stay: they are small and name
+    what each unit read and dropped."""
     freed = 0
-    for p in Path(clean_dir).glob("units/unit-*.parquet"):
+    units = Path(clean_dir) / "units"
+    for p in [*units.glob("unit-*.parquet"), *units.glob("unit-*.minhash")]:
         with contextlib.suppress(FileNotFoundError):
             size = p.stat().st_size
             p.unlink()
