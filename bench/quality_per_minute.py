@@ -37,30 +37,34 @@ VOCAB = 8192
 DEFAULT_RUNS = ["nanogpt-cpu", "cpu-tiny", "cpu-10min:3", "cpu-10min@5m"]
 
 
-def split_by_author(cache: Path) -> tuple[Path, Path]:
-    """train.jsonl.zst (all other authors) and heldout.jsonl.zst (HELDOUT_AUTHORS), made once."""
+def split_by_author(cache: Path, corpus: Path = CORPUS,
+                    heldout: tuple[str, ...] = HELDOUT_AUTHORS) -> tuple[Path, Path]:
+    """train.jsonl.zst (all other authors) and heldout.jsonl.zst (the ``heldout`` authors), made once.
+    A book goes wherever its author goes, so no held-out author's text is ever trained on."""
     import zstandard
 
     train, held = cache / "corpus" / "train.jsonl.zst", cache / "corpus" / "heldout.jsonl.zst"
     if train.is_file() and held.is_file():
         return train, held
-    if not (CORPUS / "MANIFEST.json").is_file():
-        sys.exit(f"needs {CORPUS} (the team's shared corpus)")
+    if not (corpus / "MANIFEST.json").is_file():
+        sys.exit(f"needs {corpus} (the team's shared corpus)")
     train.parent.mkdir(parents=True, exist_ok=True)
     authors = set()
     with open(str(train) + ".tmp", "wb") as ft, open(str(held) + ".tmp", "wb") as fh:
         wt = zstandard.ZstdCompressor(level=3).stream_writer(ft)
         wh = zstandard.ZstdCompressor(level=3).stream_writer(fh)
-        for shard in sorted(CORPUS.glob("*.jsonl.zst")):
+        for shard in sorted(corpus.glob("*.jsonl.zst")):
             with open(shard, "rb") as f:
                 for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
                     author = json.loads(line)["meta"]["author"]
                     authors.add(author)
-                    (wh if author in HELDOUT_AUTHORS else wt).write(line.encode())
+                    (wh if author in heldout else wt).write(line.encode())
         wt.close()
         wh.close()
-    missing = set(HELDOUT_AUTHORS) - authors
+    missing = set(heldout) - authors
     if missing:
+        for tmp in (str(train) + ".tmp", str(held) + ".tmp"):
+            os.unlink(tmp)
         sys.exit(f"held-out authors not in the corpus: {sorted(missing)}")
     os.replace(str(train) + ".tmp", train)
     os.replace(str(held) + ".tmp", held)
