@@ -121,7 +121,7 @@ class _NoRunLogs:
 def quiet_console() -> None:
     import logging
 
-    import prefect  # noqa: F401  (configures Prefect's logging)
+    import prefect.main  # noqa: F401  (configures Prefect's logging; a bare `import prefect` is lazy and does not)
 
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _NoRunLogs) for f in handler.filters):

@@ -164,8 +164,20 @@ class FinetuneStage(Stage):
     def run(self, *, experiment: str = tracking.EXPERIMENT, parent_run_id: str | None = None) -> dict[str, Any]:
         from llmforge.pipeline.fsutil import DirLock
 
+        # Inputs are checked before the lock creates the output directory: a refused fine-tune
+        # leaves nothing behind.
+        base = load_checkpoint(self.checkpoint, map_location="cpu")
+        if self.dataset is not None:
+            check_same_tokenizer(self.checkpoint, _tokenizer_fingerprint(base), self.dataset)
         with DirLock(self.out_dir):  # one writer per output directory
-            return finetune(self, experiment=experiment, parent_run_id=parent_run_id)
+            return finetune(self, experiment=experiment, parent_run_id=parent_run_id, base=base)
+
+
+def _tokenizer_fingerprint(base: dict[str, Any]) -> str | None:
+    from llmforge.pipeline.tokenizer import Tokenizer
+
+    tok_bytes = tokenizer_bytes(base)
+    return Tokenizer(tok_bytes).fingerprint if tok_bytes else (base.get("lineage") or {}).get("tokenizer_fingerprint")
 
 
 def _lora_hook(cfg: FinetuneConfig):
@@ -180,7 +192,7 @@ def _lora_hook(cfg: FinetuneConfig):
 
 
 def finetune(stage: FinetuneStage, *, experiment: str = tracking.EXPERIMENT,
-             parent_run_id: str | None = None) -> dict[str, Any]:
+             parent_run_id: str | None = None, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a fine-tune: write ``model.pt`` and ``finetune.json`` and return the summary. Run again
     on the same directory it resumes an interrupted run."""
     from llmforge.model import sft
@@ -188,7 +200,7 @@ def finetune(stage: FinetuneStage, *, experiment: str = tracking.EXPERIMENT,
     cfg, checkpoint, out_dir = stage.config, stage.checkpoint, stage.out_dir
     t0 = time.time()
     base_sha, data_id = stage.inputs()
-    base = load_checkpoint(checkpoint, map_location="cpu")
+    base = base if base is not None else load_checkpoint(checkpoint, map_location="cpu")
     base_cfg = GPTConfig.load(base["config"]["model"], source=f"{checkpoint} config['model']")
     base_lineage = base.get("lineage") or {}
     base_run_id = base_lineage.get("mlflow_run_id")
@@ -200,10 +212,7 @@ def finetune(stage: FinetuneStage, *, experiment: str = tracking.EXPERIMENT,
                                         "warmup_steps": min(cfg.train.warmup_steps, cfg.train.max_steps)})
     train_kwargs: dict[str, Any] = {}
     if stage.dataset is not None:
-        from llmforge.pipeline.tokenizer import Tokenizer
-
-        check_same_tokenizer(checkpoint, Tokenizer(tok_bytes).fingerprint if tok_bytes else
-                             base_lineage.get("tokenizer_fingerprint"), stage.dataset)
+        check_same_tokenizer(checkpoint, _tokenizer_fingerprint(base), stage.dataset)
         data_info.update(kind="text", data_dir=str(stage.dataset.root.resolve()),
                          train_tokens=stage.dataset.num_tokens("train"))
         data_arg = stage.dataset.root

@@ -279,6 +279,7 @@ def clean_temp(directory: str | os.PathLike) -> int:
 LOCK_NAME = ".lock"
 _held: dict[Path, int] = {}  # directories this process holds the lock of -> nesting depth
 _held_mutex = threading.Lock()
+_fds: dict[Path, int] = {}  # the open, flocked .lock file of each held directory
 
 
 class DirectoryBusy(UserError):
@@ -337,44 +338,46 @@ class DirLock:
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
-        self._fd: int | None = None
         self._key: Path | None = None
 
     def __enter__(self) -> "DirLock":
         self.dir.mkdir(parents=True, exist_ok=True)
         key = self.dir.resolve()
+        # The whole acquisition holds the mutex: two threads of one process (download or
+        # tokenize tasks on the thread runner) would otherwise both miss `_held` and the second
+        # one's flock, on its own open file, would fail against the first's.
         with _held_mutex:
             if key in _held:
                 _held[key] += 1
                 self._key = key
                 return self
-        fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise DirectoryBusy(f"{self.dir}: in use by {holder}; two runs must not write one directory: "
-                                f"wait for it to finish (or stop it), then run again, it resumes") from None
-        info = {"pid": os.getpid(), "host": _HOST, "since": time.time(),
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "python"}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        self._fd, self._key = fd, key
-        with _held_mutex:
-            _held[key] = 1
+            fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise DirectoryBusy(f"{self.dir}: in use by {holder}; two runs must not write one directory: "
+                                    f"wait for it to finish (or stop it), then run again, it resumes") from None
+            info = {"pid": os.getpid(), "host": _HOST, "since": time.time(),
+                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "python"}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            self._key = key
+            _held[key], _fds[key] = 1, fd
         return self
 
     def __exit__(self, *exc: Any) -> None:
         with _held_mutex:
             _held[self._key] -= 1
-            last = _held[self._key] == 0
-            if last:
-                del _held[self._key]
-        if last and self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+            if _held[self._key] > 0:
+                return
+            del _held[self._key]
+            # The last user of this process's lock releases it, whichever DirLock object took it.
+            fd = _fds.pop(self._key, None)
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
 
 
 def human_bytes(n: float) -> str:

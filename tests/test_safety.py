@@ -443,6 +443,34 @@ def test_temp_sweep_spares_a_live_writer_and_removes_a_dead_ones(tmp_path: Path)
     assert clean_temp(d) == 1 and not tmp.exists()
 
 
+def test_threads_of_one_process_share_its_lock_and_the_last_one_out_releases_it(tmp_path: Path) -> None:
+    import threading
+
+    from llmforge.pipeline.fsutil import DirLock, lock_holder
+
+    d, start, errors = tmp_path / "downloads", threading.Barrier(16), []
+    inside = threading.Barrier(16)
+
+    def task() -> None:
+        start.wait()  # all threads race for the lock at once, as download tasks on a thread runner do
+        try:
+            with DirLock(d):
+                inside.wait(timeout=30)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+            inside.abort()
+
+    threads = [threading.Thread(target=task) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    probe = f"from llmforge.pipeline.fsutil import lock_holder; print(lock_holder({str(d)!r}))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "None" and lock_holder(d) is None  # released: another process may take it
+
+
 def test_tokenize_stage_refuses_a_directory_another_process_writes(tmp_path: Path) -> None:
     spec = small_spec(tmp_path, n_docs=60)
     clean, tokenize = prepare_stages(spec, tmp_path / "out")
