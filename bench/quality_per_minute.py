@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default=None, help="recipe whose median the ratios divide by (default: the first)")
     p.add_argument("--cache", default=str(REPO / "bench" / "out" / "quality"), help="data and runs (git-ignored)")
     p.add_argument("--set", action="append", default=[], dest="sets", help="passed to every `llmforge train`")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="score only this many held-out tokens (whole books first; default: every token) - for "
+                        "quick screens, not for the table of record")
     args = p.parse_args(argv)
     cache = Path(args.cache).resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], list[Result]] = {}
     for name, budget, repeats in runs:
         for i in range(repeats):
-            r = run_once(name, budget, i, data, held, cache, env, extra)
+            r = run_once(name, budget, i, data, held, cache, env, extra, eval_tokens=args.eval_tokens)
             results.setdefault((name, budget), []).append(r)
             print(f"  {name} @{budget} #{i + 1}: {r.tokens:,} tokens in {r.seconds:.0f}s ({r.tok_s:,.0f} tok/s), "
                   f"held-out {r.bpb:.4f} bits/byte", flush=True)

@@ -213,6 +213,20 @@ def small_spec(tmp_path: Path, n_docs: int = 240, name: str = "small", **section
     return CorpusSpec.load(spec)
 
 
+def test_a_tiny_val_fraction_still_gives_a_val_split_and_too_few_documents_are_refused(tmp_path: Path) -> None:
+    from llmforge.pipeline.shards import Dataset
+
+    # 0.5% of 60 documents rounds to none: the split takes the minimum instead of an empty val
+    spec = small_spec(tmp_path / "a", n_docs=60, split={"val_fraction": 0.005})
+    _, tokenize = prepare_stages(spec, tmp_path / "a" / "out")
+    ds = Dataset.open(tokenize.out_dir)
+    assert ds.num_tokens("val") > 0 and ds.num_tokens("train") > ds.num_tokens("val")
+    # a corpus too small for a val split and training data is one clear error, not "val loss nan"
+    few = small_spec(tmp_path / "b", n_docs=2, split={"val_fraction": 0.005})
+    with pytest.raises(UserError, match=r"too few for a val split.*val_fraction: 0"):
+        prepare_stages(few, tmp_path / "b" / "out")
+
+
 def shard_hashes(ds_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(ds_dir)): sha256_file(p) for p in sorted(ds_dir.glob("*/shard-*.arrow"))}
 

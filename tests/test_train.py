@@ -20,7 +20,8 @@ from llmforge.model.data import IGNORE_INDEX, ShardBatcher
 from llmforge.errors import ConfigError
 from llmforge.model.gpt import ModelSpec
 from llmforge.model.launch import launch
-from llmforge.model.train import TrainConfig, TrainingDiverged, TrainRecipe, lr_factor, train
+from llmforge.model.train import (TrainConfig, TrainingDiverged, TrainRecipe, build_recipe, lr_factor, recipe_names,
+                                  train)
 from llmforge.pipeline.shards import Dataset
 
 try:
@@ -506,3 +507,20 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path: Path, data: Path) ->
     assert s["status"] == "completed" and s["step"] == 8
     history = client().get_run(s["mlflow_run_id"]).data.tags
     assert history["llmforge.resumed_from_step"] == "3"
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_shipped_recipe_builds_a_model(name: str) -> None:
+    from llmforge.model.gpt import resolve_model
+
+    recipe = build_recipe(name)
+    cfg = resolve_model(recipe.model, vocab_size=8192, block_size=recipe.train.block_size)
+    assert cfg.block_size >= recipe.train.block_size, name
+
+
+def test_the_cpu_recipe_is_llama_shaped_with_a_wsd_schedule() -> None:
+    from llmforge.model.gpt import resolve_model
+
+    recipe = build_recipe("cpu-10min")
+    cfg = resolve_model(recipe.model, vocab_size=8192, block_size=recipe.train.block_size)
+    assert cfg.mlp == "swiglu" and recipe.train.schedule == "wsd"  # exports to transformers / llama.cpp
