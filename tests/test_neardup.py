@@ -5,7 +5,6 @@ drops, in a few bytes per document, and the clean stage using it resumes after a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -29,8 +28,10 @@ from llmforge.pipeline.neardup import (NearDupConfig, NearDupIndex, Signer, Sign
 
 try:
     from support.corpora import stdlib_paragraphs, write_jsonl
+    from support.kills import count_commits, killed_at
 except ImportError:  # tests/ imported as a package
     from tests.support.corpora import stdlib_paragraphs, write_jsonl
+    from tests.support.kills import count_commits, killed_at
 
 
 def distinct_docs(n: int, min_words: int = 250, seed: int = 0) -> list[str]:
@@ -378,10 +379,6 @@ def test_clean_stage_drops_the_planted_copies_and_keeps_only_parts(tmp_path):
     assert manifest["disk_bytes_peak"] > manifest["disk_bytes"] + 624 * len(texts)  # the signatures counted
 
 
-class Killed(BaseException):
-    """What a kill -9 looks like from inside: nothing after this point runs."""
-
-
 @pytest.mark.slow
 def test_a_kill_at_any_commit_of_the_clean_stage_then_a_rerun_gives_the_same_parts(tmp_path, monkeypatch):
     """Stop the stage just before and just after each file it renames into place (as a kill -9
@@ -392,37 +389,15 @@ def test_a_kill_at_any_commit_of_the_clean_stage_then_a_rerun_gives_the_same_par
         return {f"{s}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
                 for s in ("train", "val") for p in stage.parts(manifest)[s]}
 
-    real_replace = os.replace
-    commits = [0]
-
-    def counting(a, b, **kw):
-        commits[0] += 1
-        return real_replace(a, b, **kw)
-
     ref_stage = _clean_stage(tmp_path, tmp_path / "ref", texts)
-    monkeypatch.setattr(os, "replace", counting)
-    ref_manifest = ref_stage.run()
-    monkeypatch.setattr(os, "replace", real_replace)
+    with count_commits(monkeypatch) as commits:
+        ref_manifest = ref_stage.run()
     ref = digest(ref_stage, ref_manifest)
     assert commits[0] >= 12 and len(ref) >= 3
     for k in range(1, commits[0] + 1):
         for after in (False, True):
             stage = _clean_stage(tmp_path, tmp_path / f"kill-{k}-{after}", texts)
-            seen = [0]
-
-            def replace(a, b, **kw):
-                seen[0] += 1
-                if seen[0] == k and not after:
-                    raise Killed()
-                r = real_replace(a, b, **kw)
-                if seen[0] == k:
-                    raise Killed()
-                return r
-
-            monkeypatch.setattr(os, "replace", replace)
-            with contextlib.suppress(Killed):
-                stage.run()
-            monkeypatch.setattr(os, "replace", real_replace)
+            killed_at(monkeypatch, k, after, stage.run)
             done = {p: p.stat().st_mtime_ns for p in stage.out_dir.glob("units/*.json")}
             manifest, _ = stage.ensure()
             assert {p: p.stat().st_mtime_ns for p in done} == done, (k, after)  # finished units are not redone

@@ -34,9 +34,11 @@ from llmforge.pipeline.shards import Dataset
 
 try:
     from support.corpora import sample_texts, write_jsonl
+    from support.kills import count_commits, killed_at
     from support.tinydata import tiny_dataset
 except ImportError:  # tests/ is a package
     from tests.support.corpora import sample_texts, write_jsonl
+    from tests.support.kills import count_commits, killed_at
     from tests.support.tinydata import tiny_dataset
 
 SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 64}
@@ -618,46 +620,20 @@ def test_cleaned_text_is_stored_once_and_bytes_on_disk_are_recorded(tmp_path: Pa
     assert tm["disk_bytes"] >= shards + (tokenize.out_dir / "tokenizer.model").stat().st_size
 
 
-class Killed(BaseException):
-    """What a kill -9 looks like from inside: nothing after this point runs."""
-
-
 def test_a_kill_at_any_commit_then_a_rerun_gives_identical_shards(tmp_path: Path, monkeypatch) -> None:
     """Every file a prepare commits is renamed into place by ``os.replace``; stop the run just
     before and just after each of them (as a kill -9 would), run it again, and compare."""
     spec = small_spec(tmp_path, n_docs=120, split={"part_bytes": 30_000})
     _, first = prepare_stages(spec, tmp_path / "first")  # trains the tokenizer the runs below reuse
     tok_model = str(first.out_dir / "tokenizer.model")
-    real_replace = os.replace
-    commits = [0]
-
-    def counting(a, b, **kw):
-        commits[0] += 1
-        return real_replace(a, b, **kw)
-
-    monkeypatch.setattr(os, "replace", counting)
-    _, ref = prepare_stages(spec, tmp_path / "ref", tok_model)
-    monkeypatch.setattr(os, "replace", real_replace)
+    with count_commits(monkeypatch) as commits:
+        _, ref = prepare_stages(spec, tmp_path / "ref", tok_model)
     ref_hashes, ref_manifest = shard_hashes(ref.out_dir), json.loads((ref.out_dir / "manifest.json").read_text())
     assert commits[0] > 10 and len(ref_hashes) >= 3
     for k in range(1, commits[0] + 1):
         for after in (False, True):
             out = tmp_path / f"kill-{k}-{'after' if after else 'before'}"
-            seen = [0]
-
-            def replace(a, b, **kw):
-                seen[0] += 1
-                if seen[0] == k and not after:
-                    raise Killed()
-                r = real_replace(a, b, **kw)
-                if seen[0] == k:
-                    raise Killed()
-                return r
-
-            monkeypatch.setattr(os, "replace", replace)
-            with contextlib.suppress(Killed):
-                prepare_stages(spec, out, tok_model)
-            monkeypatch.setattr(os, "replace", real_replace)
+            killed_at(monkeypatch, k, after, lambda: prepare_stages(spec, out, tok_model))
             _, tokenize = prepare_stages(spec, out, tok_model)
             assert tokenize.out_dir.name == ref.out_dir.name
             assert shard_hashes(tokenize.out_dir) == ref_hashes, (k, after)
