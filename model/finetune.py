@@ -192,15 +192,15 @@ def _lora_hook(cfg: FinetuneConfig):
 
 
 def finetune(stage: FinetuneStage, *, experiment: str = tracking.EXPERIMENT,
-             parent_run_id: str | None = None, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run a fine-tune: write ``model.pt`` and ``finetune.json`` and return the summary. Run again
-    on the same directory it resumes an interrupted run."""
+             parent_run_id: str | None = None, base: dict[str, Any]) -> dict[str, Any]:
+    """Run a fine-tune of ``base`` (the loaded base checkpoint, its inputs already checked by
+    :meth:`FinetuneStage.run`): write ``model.pt`` and ``finetune.json`` and return the summary.
+    Run again on the same directory it resumes an interrupted run."""
     from llmforge.model import sft
 
     cfg, checkpoint, out_dir = stage.config, stage.checkpoint, stage.out_dir
     t0 = time.time()
     base_sha, data_id = stage.inputs()
-    base = base if base is not None else load_checkpoint(checkpoint, map_location="cpu")
     base_cfg = GPTConfig.load(base["config"]["model"], source=f"{checkpoint} config['model']")
     base_lineage = base.get("lineage") or {}
     base_run_id = base_lineage.get("mlflow_run_id")
@@ -212,7 +212,6 @@ def finetune(stage: FinetuneStage, *, experiment: str = tracking.EXPERIMENT,
                                         "warmup_steps": min(cfg.train.warmup_steps, cfg.train.max_steps)})
     train_kwargs: dict[str, Any] = {}
     if stage.dataset is not None:
-        check_same_tokenizer(checkpoint, _tokenizer_fingerprint(base), stage.dataset)
         data_info.update(kind="text", data_dir=str(stage.dataset.root.resolve()),
                          train_tokens=stage.dataset.num_tokens("train"))
         data_arg = stage.dataset.root
