@@ -10,6 +10,7 @@ same flow run) with a child run per stage.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ from llmforge.flows.evaluate import evaluate_flow
 from llmforge.flows.finetune import finetune_flow
 from llmforge.flows.train import train_flow
 from llmforge.model.evaluate import eval_metrics
+
+# Prefect validates a call's parameters with a pydantic model named after the flow; a parameter
+# called `register` (the deployment's documented option) shadows BaseModel.register, which pydantic
+# warns about on every run. The field works; the warning is noise on the user's terminal.
+warnings.filterwarnings("ignore", message='Field name "register" in "Pipeline_FlowModel" shadows', category=UserWarning)
 
 # after instruction tuning, the samples answer questions in the chat template (model/sft.py)
 SFT_SAMPLE_QUESTIONS = (

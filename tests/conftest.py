@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -11,6 +12,26 @@ try:  # tests/ is on sys.path (rootdir conftest without tests/__init__.py)
     from support.http import TestHTTPServer
 except ImportError:  # tests/ is a package
     from tests.support.http import TestHTTPServer
+
+
+# A flow called from Python with no API configured starts Prefect's own ephemeral server, which
+# gives up after 20 s by default; a loaded CI machine (2 cores, a test beside it) has taken longer.
+# Subprocesses inherit this.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+# The test files that take longest (seconds on the 2-core CI machine, one process), run first so
+# that the two xdist workers (pyproject's addopts, --dist loadfile) finish together instead of
+# one worker starting a four-minute file when the other is done. Order only: any file may be
+# added or renamed without touching this.
+LONGEST_FIRST = ("test_deployments.py", "test_train.py", "test_prepare.py", "test_mlflow_server.py",
+                 "test_packaging.py", "test_registry.py", "test_cli_errors.py", "test_finetune.py",
+                 "test_evaluate.py", "test_safety.py", "test_neardup.py", "test_chat.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the order in a file
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def test_output_files_follow_the_umask(tmp_path, umask, mode):
 
 
 @pytest.mark.slow
-def test_wheel_installs_one_package_and_runs_prepare_and_train_outside_the_repo(tmp_path):
+def test_wheel_installs_one_package_and_runs_prepare_and_train_outside_the_repo(tmp_path, prefect_server):
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
                     str(REPO)], check=True, capture_output=True, timeout=300)
@@ -72,7 +72,8 @@ def test_wheel_installs_one_package_and_runs_prepare_and_train_outside_the_repo(
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LLMFORGE_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), OMP_NUM_THREADS="1")
+    # the session's Prefect server (a temporary one per command is tested in test_train; each costs ~20 s here)
+    env.update(prefect_server.env, OMP_NUM_THREADS="1")
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         r = subprocess.run([str(env_dir / "bin" / "llmforge"), *args], cwd=work, env=env, capture_output=True,
