@@ -28,6 +28,7 @@ from llmforge.errors import ConfigError, NotFound, suggest
 C = TypeVar("C", bound="Config")
 
 _CONTROL = "llmforge_control"
+_LATER = "llmforge_in_key_when_set"
 
 
 class Config(BaseModel):
@@ -58,17 +59,32 @@ def control(default: Any = None, description: str = "", **kw: Any) -> Any:
     return Field(default, description=description, json_schema_extra=extra, **kw)
 
 
-def is_control(model: type[BaseModel], name: str) -> bool:
+def added_later(default: Any = None, description: str = "", **kw: Any) -> Any:
+    """A field added after runs were keyed: it enters a stage's key only when it differs from its
+    default, so the runs made before it existed keep their keys (and resume)."""
+    extra = dict(kw.pop("json_schema_extra", None) or {})
+    extra[_LATER] = True
+    return Field(default, description=description, json_schema_extra=extra, **kw)
+
+
+def _extra(model: type[BaseModel], name: str, flag: str) -> bool:
     extra = model.model_fields[name].json_schema_extra
-    return isinstance(extra, dict) and bool(extra.get(_CONTROL))
+    return isinstance(extra, dict) and bool(extra.get(flag))
+
+
+def is_control(model: type[BaseModel], name: str) -> bool:
+    return _extra(model, name, _CONTROL)
 
 
 def key_fields(cfg: BaseModel) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in type(cfg).model_fields:
-        if is_control(type(cfg), name):
+    model = type(cfg)
+    for name, field in model.model_fields.items():
+        if is_control(model, name):
             continue
         value = getattr(cfg, name)
+        if _extra(model, name, _LATER) and value == field.default:
+            continue
         out[name] = key_fields(value) if isinstance(value, BaseModel) else _jsonable(value)
     return out
 

@@ -358,9 +358,15 @@ class GPT(nn.Module):
         return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
 
     def configure_optimizers(self, weight_decay: float, lr: float, betas: tuple[float, float],
-                             device_type: str, muon: bool = False) -> torch.optim.Optimizer:
+                             device_type: str, muon: bool = False, embedding_lr: float | None = None,
+                             head_lr: float | None = None) -> torch.optim.Optimizer:
         """AdamW with weight decay on >=2-D weights only (matrices and embeddings, not norms or
         biases); fused (on CUDA and CPU).
+
+        ``embedding_lr`` is the peak lr of the token embedding (and of the head when it is tied),
+        ``head_lr`` that of an untied head; both default to ``lr``. Each group's ``lr`` is its
+        peak, so a schedule that multiplies every group's initial lr keeps their ratios; their
+        weight decay is scaled so that ``lr * weight_decay`` (the shrink per step) is the matrices'.
 
         With ``muon=True`` the 2-D matrices inside the blocks go to ``torch.optim.Muon`` (with
         ``adjust_lr_fn="match_rms_adamw"`` so the same ``lr`` and decay apply) and everything else
@@ -368,23 +374,29 @@ class GPT(nn.Module):
         (:class:`MuonWithAdamW` in the Muon case) whose ``param_groups``, ``step``, ``zero_grad``
         and ``state_dict`` behave like any torch optimizer, so LR schedulers work unchanged.
         """
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}  # a tied head appears once, as wte
         fused = device_type in ("cuda", "cpu")  # one kernel per step; and it can skip a non-finite step
+        # a group of its own only when its lr differs, so the default layout (and old checkpoints'
+        # optimizer state) stays [matrices, vectors]
+        special = {n: g_lr for n, g_lr in (("transformer.wte.weight", embedding_lr), ("lm_head.weight", head_lr))
+                   if n in params and g_lr is not None and g_lr != lr}
+
+        def in_muon(name: str, p: torch.Tensor) -> bool:
+            return muon and p.dim() == 2 and name.startswith("transformer.h.")
+
+        # decoupled decay shrinks a weight by lr * weight_decay per step: keep that product at the
+        # matrices' rate, so a 50x embedding lr does not mean a 50x pull towards zero
+        groups = [{"params": [params[n]], "weight_decay": weight_decay * lr / g_lr, "lr": g_lr}
+                  for n, g_lr in special.items()]
+        rest = {n: p for n, p in params.items() if n not in special and not in_muon(n, p)}
+        groups += [{"params": [p for p in rest.values() if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
+                   {"params": [p for p in rest.values() if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+        adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
         if not muon:
-            decay = [p for p in params.values() if p.dim() >= 2]
-            no_decay = [p for p in params.values() if p.dim() < 2]
-            groups = [{"params": decay, "weight_decay": weight_decay},
-                      {"params": no_decay, "weight_decay": 0.0}]
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+            return adamw
         if not hasattr(torch.optim, "Muon"):
             raise RuntimeError(f"muon=True needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
-        matrices = [p for n, p in params.items() if p.dim() == 2 and n.startswith("transformer.h.")]
-        matrix_ids = {id(p) for p in matrices}
-        rest = [p for p in params.values() if id(p) not in matrix_ids]
-        adamw = torch.optim.AdamW(
-            [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-             {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-            lr=lr, betas=betas, fused=fused)
+        matrices = [p for n, p in params.items() if in_muon(n, p)]
         muon_opt = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         return MuonWithAdamW(muon_opt, adamw)
 

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 
 from llmforge import tracking
-from llmforge.config import Config, Count, Duration, control, read_yaml
+from llmforge.config import Config, Count, Duration, added_later, control, read_yaml
 from llmforge.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from llmforge.model.checkpoint import (
     CheckpointManager,
@@ -73,6 +73,9 @@ class TrainConfig(Config):
     cooldown: float = Field(0.2, gt=0, le=1, description="wsd: share of the budget spent decaying to min_lr")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     min_lr: float | None = Field(None, ge=0, description="final learning rate of the decay (default: lr/10)")
+    embedding_lr: float | None = added_later(None, "peak learning rate of the token embedding (and of the head "
+                                             "when it is tied); default: lr", gt=0)
+    head_lr: float | None = added_later(None, "peak learning rate of an untied LM head; default: lr", gt=0)
     warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on matrices and embeddings")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
@@ -558,7 +561,8 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
         model.load_state_dict(resume["model_state"])
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type,
-                                           muon=cfg.optimizer == "muon")
+                                           muon=cfg.optimizer == "muon", embedding_lr=cfg.embedding_lr,
+                                           head_lr=cfg.head_lr)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not params:

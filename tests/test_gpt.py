@@ -147,6 +147,26 @@ def test_adamw_decays_matrices_but_not_norms():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == m.num_params(non_embedding=False)
 
 
+@pytest.mark.parametrize("muon", [False, True])
+def test_embedding_and_untied_head_get_their_own_learning_rates(muon: bool):
+    if muon and not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    m = GPT(tiny(tie_embeddings=False))
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon=muon, embedding_lr=0.2, head_lr=4e-3)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(m.transformer.wte.weight)] == 0.2
+    assert lr_of[id(m.lm_head.weight)] == 4e-3
+    assert lr_of[id(m.transformer.h[0].attn.c_attn.weight)] == 1e-3
+    assert len(lr_of) == len(list(m.parameters()))  # every parameter in exactly one group
+    shrink = {id(p): g["lr"] * g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert shrink[id(m.transformer.wte.weight)] == pytest.approx(1e-3 * 0.1)  # decay per step as the matrices'
+    # a tied head takes the embedding's rate; unset rates keep the two-group layout of old checkpoints
+    tied = GPT(tiny())
+    opt = tied.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", embedding_lr=0.05)
+    assert {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}[id(tied.lm_head.weight)] == 0.05
+    assert len(tied.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", embedding_lr=1e-3).param_groups) == 2
+
+
 def _train(m: GPT, opt: torch.optim.Optimizer, steps: int) -> list[float]:
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, 97, (1, 16), generator=g).repeat(4, 2)  # a repeating pattern to learn

@@ -524,3 +524,12 @@ def test_the_cpu_recipe_is_llama_shaped_with_a_wsd_schedule() -> None:
     recipe = build_recipe("cpu-10min")
     cfg = resolve_model(recipe.model, vocab_size=8192, block_size=recipe.train.block_size)
     assert cfg.mlp == "swiglu" and recipe.train.schedule == "wsd"  # exports to transformers / llama.cpp
+
+
+def test_learning_rates_added_later_enter_the_run_key_only_when_set() -> None:
+    # runs trained before embedding_lr/head_lr existed keep their key, so they still resume
+    plain = TrainConfig(lr=2e-3).key_dict()
+    assert "embedding_lr" not in plain and "head_lr" not in plain
+    assert TrainConfig(lr=2e-3, embedding_lr=None).key_dict() == plain
+    tuned = TrainConfig(lr=2e-3, embedding_lr=0.1).key_dict()
+    assert tuned["embedding_lr"] == 0.1 and tuned != plain
