@@ -468,12 +468,11 @@ FLOW = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_flow_rerun_resumes_in_the_same_run_directory(tmp_path: Path, data: Path) -> None:
+def test_flow_rerun_resumes_in_the_same_run_directory(tmp_path: Path, data: Path, prefect_server) -> None:
     script = tmp_path / "flow.py"
     script.write_text(FLOW)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1",
-           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
+    # the flows called from Python, against the session's server (an ephemeral one costs ~30 s to start)
+    env = {**os.environ, **prefect_server.env, "OMP_NUM_THREADS": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
     cfg = small_cfg(max_steps=100, sample_prompts=[], log_every=50).model_dump(exclude_none=True)
     r = subprocess.run([sys.executable, str(script), str(data), json.dumps(cfg)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
