@@ -59,6 +59,29 @@ def prefect_server(tmp_path_factory) -> Iterator["PrefectServer"]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """One empty, migrated MLflow SQLite database per worker. A new store runs MLflow's migrations
+    (~5 s of CPU on the 2-core CI machine, in every test that makes one); a copy of this one costs
+    milliseconds and is the same store (llmforge names its experiment's artifact location itself,
+    so nothing in it points here)."""
+    from llmforge import tracking
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    tracking.client(f"sqlite:///{db}").search_experiments()  # creates and migrates it
+    return db
+
+
+@pytest.fixture
+def new_mlruns(empty_mlflow_db: Path, tmp_path: Path) -> Path:
+    """``tmp_path / "mlruns"``, an LLMFORGE_MLRUNS directory holding an empty store."""
+    import shutil
+
+    (tmp_path / "mlruns").mkdir()
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlruns" / "mlflow.db")
+    return tmp_path / "mlruns"
+
+
 @pytest.fixture
 def shared_corpus() -> Path:
     """../shared/corpus/gutenberg (real books); tests that need it skip on a clone without it."""

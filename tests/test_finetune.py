@@ -28,11 +28,11 @@ def tok():
 
 
 @pytest.fixture
-def mlruns(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLMFORGE_MLRUNS", str(tmp_path / "mlruns"))
+def mlruns(new_mlruns, monkeypatch):
+    monkeypatch.setenv("LLMFORGE_MLRUNS", str(new_mlruns))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("LLMFORGE_PARENT_RUN_ID", raising=False)
-    return tmp_path / "mlruns"
+    return new_mlruns
 
 
 @pytest.fixture(scope="module")

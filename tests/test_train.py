@@ -39,12 +39,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def mlruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LLMFORGE_MLRUNS", str(tmp_path / "mlruns"))
+def mlruns(new_mlruns: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LLMFORGE_MLRUNS", str(new_mlruns))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("LLMFORGE_PARENT_RUN_ID", raising=False)
     torch.set_num_threads(1)
-    return tmp_path / "mlruns"
+    return new_mlruns
 
 
 def small_cfg(model: dict | None = None, **kw) -> TrainRecipe:
