@@ -16,6 +16,8 @@ own quantizer), which llama.cpp should reproduce, and ``fp32``, the original. Co
 
 - greedy: of 5 prompts (``[EOS] + encode(prompt)``, as llmforge prompts), how many give the
   same 32 greedy tokens as llmforge's ``generate``;
+- tie: where a continuation parts from ``file``'s, our model's lead of its token over llama.cpp's
+  there, relative to the largest logit (the widest such lead; ``-`` when all 5 agree);
 - top-1: the share of ~500 positions of held-out text where llama.cpp's most likely next token
   is llmforge's;
 - max|dlogit|: the largest logit difference from ``file`` there, relative to the largest logit;
@@ -24,8 +26,11 @@ own quantizer), which llama.cpp should reproduce, and ``fp32``, the original. Co
   llmforge's KV-cached ``generate`` on the same cores in the same run (min/median/max).
 
 llama.cpp's KV cache is kept in f32 (``type_k=type_v=0``): its default f16 cache alone moves
-logits by ~1e-3. Exit status 1 when an f32 or f16 file and its ``file`` model disagree on a
-greedy continuation.
+logits by ~1e-3. Exit status 1 when an f32 file and its ``file`` model disagree on a greedy
+continuation, when an f16 file's continuation parts from ``file``'s other than at a near-tie
+(``tie`` above ``F16_TIE``: llama.cpp rounds activations to f16 for f16 weights, so exact
+agreement is not to be had there), or when a string other than the known case (text holding a
+literal U+2581) is tokenized differently.
 """
 
 from __future__ import annotations
@@ -48,9 +53,15 @@ from llmforge.model.checkpoint import capture_rng_state, save_checkpoint
 from llmforge.model.export import ExportConfig, ExportStage
 from llmforge.model.generate import generate
 from llmforge.model.gpt import GPT, GPTConfig
-from llmforge.pipeline.tokenizer import Tokenizer, TokenizerConfig, sample_texts, train_sentencepiece
+from llmforge.pipeline.tokenizer import META_SPACE, Tokenizer, TokenizerConfig, sample_texts, train_sentencepiece
 
 VERSION = "0.3.36"
+# llama.cpp multiplies an f16 matrix by activations rounded to f16 (its CPU dot product works in the
+# weight's type), so an f16 file cannot give bit-equal logits, only equal ones up to ~2^-11
+# relative: a greedy continuation may part from ours where our two best tokens are that close.
+F16_TIE = 2e-3
+KNOWN_TOKENIZE = ("  (known: llama.cpp turns spaces into U+2581 before merging, so a literal U+2581 is a "
+                  "space to it; llmforge keeps it as its 3 UTF-8 bytes, which llama.cpp decodes back to it)")
 PROMPTS = ["def main(", "class Foo:\n    ", "import os\n", "The quick brown fox", "    return self."]
 HARD = ["  two leading spaces", "trailing   ", "\n\n\nnewlines", "\ttabs\t\t", "digits 0123456789",
         "日本語のテキスト", "emoji 🦊🚀 👩\u200d💻", "unknown \u0f00\U0001d11e", "a literal \u2581 meta symbol"]
@@ -130,12 +141,18 @@ def check(llama_cpp, path: Path, model: GPT, stored: GPT, tok: Tokenizer, text_i
     vocab = tok.vocab_size
     refs = {"file": stored, "fp32": model}
     greedy = dict.fromkeys(refs, 0)
+    margin = 0.0  # the widest top-1 margin (ours) at which llama.cpp chose another token than `file`
     for p in PROMPTS:
         ids = [tok.eos_id] + tok.encode(p)
         got = llama_greedy(llm, ids, 32, vocab)
         for name, m in refs.items():
-            greedy[name] += got == generate(m, torch.tensor([ids]), 32, temperature=0,
-                                            vocab_limit=vocab)[0, len(ids):].tolist()
+            want = generate(m, torch.tensor([ids]), 32, temperature=0, vocab_limit=vocab)[0, len(ids):].tolist()
+            greedy[name] += got == want
+            if name == "file" and got != want:
+                k = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+                with torch.no_grad():
+                    logits = m(torch.tensor([ids + want[:k]]))[0][0, -1, :vocab]
+                margin = max(margin, float((logits[want[k]] - logits[got[k]]) / logits.abs().max()))
     llm.reset()
     llm.eval(text_ids)
     theirs = np.array(llm.scores[: len(text_ids)])[:, :vocab]
@@ -157,7 +174,7 @@ def check(llama_cpp, path: Path, model: GPT, stored: GPT, tok: Tokenizer, text_i
         generate(model, torch.tensor([ids]), 64, temperature=0, vocab_limit=vocab)
         base.append(64 / (time.perf_counter() - t0))
     ratios = sorted(s / b for s, b in zip(speeds, base))
-    return {"greedy": greedy, "top1": top1, "dlogit": dlogit, "tokenize": (len(strings) - len(tok_bad), len(strings)), "tokenize_bad": tok_bad,
+    return {"greedy": greedy, "margin": margin, "top1": top1, "dlogit": dlogit, "tokenize": (len(strings) - len(tok_bad), len(strings)), "tokenize_bad": tok_bad,
             "tok_s": statistics.median(speeds), "ratio": (ratios[0], statistics.median(ratios), ratios[-1])}
 
 
@@ -174,9 +191,9 @@ def main() -> int:
     tok = Tokenizer(train_sentencepiece(sample_texts(texts[:-4], sum(len(t) for t in texts), cfg), cfg))
     text_ids = [tok.eos_id] + tok.encode(texts[-1])[:511]
     shapes = {"gqa-untied": dict(n_kv_head=2, tie_embeddings=False), "mha-tied": dict(tie_embeddings=True)}
-    failed, tok_bad = False, set()
+    failed, tok_bad = [], set()
     print(f"\n{'':<17} {'greedy (of 5)':>13} {'top-1 share':>13}")
-    print(f"{'model':<11} {'type':<5} {'file':>6} {'fp32':>6} {'file':>6} {'fp32':>6} {'max|dlogit|':>11} "
+    print(f"{'model':<11} {'type':<5} {'file':>6} {'fp32':>6} {'tie':>7} {'file':>6} {'fp32':>6} {'max|dlogit|':>11} "
           f"{'tokenize':>8} {'tok/s':>6}  tok/s vs llmforge min/med/max")
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, kw) in enumerate(shapes.items()):
@@ -188,13 +205,23 @@ def main() -> int:
                 out = ExportStage(ckpt, ExportConfig(format="gguf", type=typ)).run()["out"]
                 r = check(llama_cpp, Path(out), model, as_stored(model, typ), tok, text_ids, texts, args.repeats)
                 g, t1, (lo, med, hi) = r["greedy"], r["top1"], r["ratio"]
-                failed |= typ in ("f32", "f16") and g["file"] < len(PROMPTS)
+                if typ == "f32" and g["file"] < len(PROMPTS):
+                    failed.append(f"{name} f32: {len(PROMPTS) - g['file']} greedy continuations differ")
+                if typ == "f16" and r["margin"] > F16_TIE:
+                    failed.append(f"{name} f16: llama.cpp chose another token where ours led by {r['margin']:.1e} "
+                                  f"of the largest logit (> {F16_TIE:.0e}: not a near-tie)")
                 tok_bad.update(r["tokenize_bad"])
-                print(f"{name:<11} {typ:<5} {g['file']:>6} {g['fp32']:>6} {t1['file']:>6.3f} {t1['fp32']:>6.3f} "
+                tie = f"{r['margin']:.1e}" if g["file"] < len(PROMPTS) else "-"
+                print(f"{name:<11} {typ:<5} {g['file']:>6} {g['fp32']:>6} {tie:>7} {t1['file']:>6.3f} {t1['fp32']:>6.3f} "
                       f"{r['dlogit']:>11.2e} {r['tokenize'][0]:>5}/{r['tokenize'][1]:<2} {r['tok_s']:>6.0f}  "
                       f"{lo:.2f} / {med:.2f} / {hi:.2f}", flush=True)
-    for s in sorted(tok_bad):  # expected: text with a literal U+2581, a space to llama.cpp, 3 bytes to llmforge
-        print(f"tokenized differently by llama.cpp: {s[:60]!r}")
+    for s in sorted(tok_bad):
+        known = META_SPACE in s
+        print(f"tokenized differently by llama.cpp: {s[:60]!r}" + (KNOWN_TOKENIZE if known else ""))
+        if not known:
+            failed.append(f"tokenization differs: {s[:60]!r}")
+    for f in failed:
+        print(f"FAILED: {f}")
     return 1 if failed else 0
 
 
