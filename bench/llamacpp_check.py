@@ -12,7 +12,8 @@ Two random models with sharpened weights (so greedy choices are not near-ties) a
 SentencePiece tokenizer trained on Python standard-library sources are saved as checkpoints
 and exported to GGUF as f32, f16, bf16 and q8_0. Each file is compared with two llmforge
 models: ``file``, the same weights rounded as the file stores them (through the gguf package's
-own quantizer), which llama.cpp should reproduce, and ``fp32``, the original. Columns:
+own quantizer) and matrix inputs rounded as llama.cpp's dot products take them (``as_stored``),
+which llama.cpp should reproduce up to rounding, and ``fp32``, the original. Columns:
 
 - greedy: of 5 prompts (``[EOS] + encode(prompt)``, as llmforge prompts), how many give the
   same 32 greedy tokens as llmforge's ``generate``;
@@ -57,8 +58,9 @@ from llmforge.pipeline.tokenizer import META_SPACE, Tokenizer, TokenizerConfig, 
 
 VERSION = "0.3.36"
 # llama.cpp multiplies an f16 matrix by activations rounded to f16 (its CPU dot product works in the
-# weight's type), so an f16 file cannot give bit-equal logits, only equal ones up to ~2^-11
-# relative: a greedy continuation may part from ours where our two best tokens are that close.
+# weight's type) in some of its kernels, so an f16 file cannot give bit-equal logits, only equal
+# ones up to ~2^-11 relative: a greedy continuation may part from ours where our two best tokens
+# are that close.
 F16_TIE = 2e-3
 KNOWN_TOKENIZE = ("  (known: llama.cpp turns spaces into U+2581 before merging, so a literal U+2581 is a "
                   "space to it; llmforge keeps it as its 3 UTF-8 bytes, which llama.cpp decodes back to it)")
@@ -106,19 +108,39 @@ def random_model(vocab: int, seed: int, **kw) -> GPT:
 
 
 def as_stored(model: GPT, typ: str) -> GPT:
-    """A copy of ``model`` with the weights a GGUF of ``typ`` holds: every matrix rounded through
-    the gguf package's own quantizer (norms stay f32, as in the file). Row order does not matter
-    to it, so our layout rounds as llama.cpp's does."""
+    """A copy of ``model`` close to what llama.cpp's CPU backend computes from a GGUF of ``typ``:
+    every matrix rounded through the gguf package's own quantizer as the export stores it (norms
+    stay f32; a q8_0 matrix whose rows do not fill whole blocks is f16, as in the file), and the
+    input of every matrix product rounded to the type of llama.cpp's CPU dot product for that
+    matrix (its ``vec_dot_type``: f16, bf16 or q8_0 blocks; nothing for f32). Row order does not
+    matter to either, so our layout rounds as llama.cpp's does. Not exact: llama.cpp's batched
+    products (the prompt) do not all round their input, so f16 logits still differ by ~3e-4 of
+    the largest (4.5e-4 without the input rounding, 6e-7 for f32)."""
     import gguf
 
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[typ]
+    Q = gguf.GGMLQuantizationType
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[typ]
     out = copy.deepcopy(model)
+
+    def rounded(a: np.ndarray, t) -> np.ndarray:
+        return np.asarray(gguf.quants.dequantize(gguf.quants.quantize(a, t), t), dtype=np.float32).reshape(a.shape)
+
+    def round_input(t):
+        def hook(module, args):
+            x = args[0]
+            return (torch.from_numpy(rounded(x.detach().float().numpy(), t)).to(x.dtype),) + args[1:]
+        return hook
+
     with torch.no_grad():
         for p in out.parameters():
             if p.dim() == 2:
-                q = gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qtype), qtype)
-                p.copy_(torch.from_numpy(np.asarray(q, dtype=np.float32).reshape(p.shape)))
+                t = qtype if qtype != Q.Q8_0 or p.shape[1] % 32 == 0 else Q.F16
+                p.copy_(torch.from_numpy(rounded(p.numpy(), t)))
+        if qtype != Q.F32:
+            for m in out.modules():
+                if isinstance(m, torch.nn.Linear):
+                    t = qtype if qtype != Q.Q8_0 or m.in_features % 32 == 0 else Q.F16
+                    m.register_forward_pre_hook(round_input(t))
     return out
 
 
