@@ -19,6 +19,13 @@ except ImportError:  # tests/ is a package
 # Subprocesses inherit this.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
+# xdist workers (pyproject's addopts) share the machine's cores: each worker and every process it
+# starts (CLI runs, the Prefect worker's flow runs, servers) computes on its share of them. torch
+# on every core beside a busy neighbour spins in OpenMP barriers instead of computing. Set before
+# anything imports torch; subprocesses inherit it.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
 
 # The test files that take longest (seconds on the 2-core CI machine, one process), run first so
 # that the two xdist workers (pyproject's addopts, --dist loadfile) finish together instead of

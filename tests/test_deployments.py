@@ -76,6 +76,7 @@ def stack(prefect_server, tmp_path_factory) -> Iterator[Stack]:
         "MLFLOW_TRACKING_URI": "",  # the local store above, whatever the caller's shell says
         "PYTHONUNBUFFERED": "1",
         "PREFECT_LOGGING_LEVEL": "INFO",  # the worker log shows the flow runs' progress
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # the worker looks for scheduled runs every 2 s, not 10
     }
     # the session's shared shards root: tests/test_mlflow_server.py reuses the prepared dataset
     s = Stack(root, env, prefect_server.url, tmp_path_factory.getbasetemp() / "shards", mlruns, [])
@@ -106,7 +107,7 @@ def tiny_params(stack: Stack, runs: Path, **train: Any) -> dict[str, Any]:
 def run_deployment(stack: Stack, params: dict, watch: bool, timeout: float = 600):
     args = ["deployment", "run", DEPLOYMENT, "--params", json.dumps(params)]
     if watch:
-        args += ["--watch", "--watch-timeout", str(int(timeout))]
+        args += ["--watch", "--watch-interval", "2", "--watch-timeout", str(int(timeout))]
     r = prefect_cli(args, stack.env, cwd=REPO, timeout=timeout + 60, check=False)
     m = re.search(r"UUID:\s*([0-9a-f-]{36})", r.stdout)
     assert m, f"no flow run id in:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
