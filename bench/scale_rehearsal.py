@@ -39,7 +39,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -413,6 +412,16 @@ def extrapolate(run: dict, workers: int, tok_secs: float, tok_sample: float, rss
     return out
 
 
+def linear_fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Least squares ``y = a + b x`` through ``points``: (a, b, the largest |residual| / y)."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    a = my - b * mx
+    return a, b, max(abs(y - (a + b * x)) / y for x, y in points)
+
+
 def hours(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
 
@@ -548,6 +557,11 @@ def main() -> int:
     print(f"\ncost: {time_ratio:.2f}x for {size_ratio:.2f}x the text; net of the fixed {overhead:.0f}s of a prepare "
           f"{net_ratio:.2f}x ({net_ratio / size_ratio:.2f} per unit of size; linear: at most 1.15, i.e. "
           f"{size_ratio:.1f}-{1.15 * size_ratio:.1f}x): {'LINEAR' if linear else 'NOT LINEAR'}")
+    if len(sizes) >= 3:  # the per-run cost is more than a 1 MB prepare's: each stage ends on one busy core
+        a, b, worst = linear_fit([(results["sizes"][s]["text_bytes"] / 1e9, results["sizes"][s]["wall"]) for s in sizes])
+        print(f"fit over the {len(sizes)} sizes: wall = {a:.0f} s + {b:.0f} s per GB of text, every size within "
+              f"{100 * worst:.1f}% of it ({'linear' if worst <= 0.05 else 'NOT a line'}: a per-run cost of {a:.0f} s "
+              f"and a constant cost per byte)")
     for k, v in rss_ratio.items():
         print(f"peak RSS, {k} process: {v:.2f}x from {base_s:g} to {top_s:g} GB: "
               f"{'flat (within 15%)' if abs(v - 1) <= 0.15 else 'NOT FLAT'}")
