@@ -58,9 +58,8 @@ from llmforge.pipeline.tokenizer import META_SPACE, Tokenizer, TokenizerConfig, 
 
 VERSION = "0.3.36"
 # llama.cpp multiplies an f16 matrix by activations rounded to f16 (its CPU dot product works in the
-# weight's type) in some of its kernels, so an f16 file cannot give bit-equal logits, only equal
-# ones up to ~2^-11 relative: a greedy continuation may part from ours where our two best tokens
-# are that close.
+# weight's type), so an f16 file cannot give bit-equal logits, only equal ones up to ~2^-11
+# relative: a greedy continuation may part from ours where our two best tokens are that close.
 F16_TIE = 2e-3
 KNOWN_TOKENIZE = ("  (known: llama.cpp turns spaces into U+2581 before merging, so a literal U+2581 is a "
                   "space to it; llmforge keeps it as its 3 UTF-8 bytes, which llama.cpp decodes back to it)")
@@ -113,9 +112,10 @@ def as_stored(model: GPT, typ: str) -> GPT:
     stay f32; a q8_0 matrix whose rows do not fill whole blocks is f16, as in the file), and the
     input of every matrix product rounded to the type of llama.cpp's CPU dot product for that
     matrix (its ``vec_dot_type``: f16, bf16 or q8_0 blocks; nothing for f32). Row order does not
-    matter to either, so our layout rounds as llama.cpp's does. Not exact: llama.cpp's batched
-    products (the prompt) do not all round their input, so f16 logits still differ by ~3e-4 of
-    the largest (4.5e-4 without the input rounding, 6e-7 for f32)."""
+    matter to either, so our layout rounds as llama.cpp's does. Not exact: f16 logits still differ
+    by ~3.5e-4 of the largest (4.5e-4 without the input rounding, 6e-7 for f32), also with the
+    prompt fed one token at a time (``n_batch=1``), so the rest of llama.cpp's rounding is
+    elsewhere, not found."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
