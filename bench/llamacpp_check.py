@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from llmforge.model.checkpoint import capture_rng_state, save_checkpoint
-from llmforge.model.export import ExportConfig, ExportStage
+from llmforge.model.export import ExportConfig, ExportStage, pack_gguf_tensor
 from llmforge.model.generate import generate
 from llmforge.model.gpt import GPT, GPTConfig
 from llmforge.pipeline.tokenizer import META_SPACE, Tokenizer, TokenizerConfig, sample_texts, train_sentencepiece
@@ -118,29 +118,29 @@ def as_stored(model: GPT, typ: str) -> GPT:
     elsewhere, not found."""
     import gguf
 
-    Q = gguf.GGMLQuantizationType
-    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[typ]
     out = copy.deepcopy(model)
+    stored_as = {}  # weight -> the type the file holds it in, which its products' inputs take too
 
-    def rounded(a: np.ndarray, t) -> np.ndarray:
-        return np.asarray(gguf.quants.dequantize(gguf.quants.quantize(a, t), t), dtype=np.float32).reshape(a.shape)
+    def unpacked(packed: np.ndarray, kind, shape) -> np.ndarray:
+        return np.asarray(gguf.quants.dequantize(packed, kind), dtype=np.float32).reshape(shape)
 
-    def round_input(t):
+    def round_input(kind):
         def hook(module, args):
-            x = args[0]
-            return (torch.from_numpy(rounded(x.detach().float().numpy(), t)).to(x.dtype),) + args[1:]
+            x = args[0].detach().float().numpy()
+            y = unpacked(gguf.quants.quantize(x, kind), kind, x.shape)
+            return (torch.from_numpy(y).to(args[0].dtype),) + args[1:]
         return hook
 
     with torch.no_grad():
         for p in out.parameters():
             if p.dim() == 2:
-                t = qtype if qtype != Q.Q8_0 or p.shape[1] % 32 == 0 else Q.F16
-                p.copy_(torch.from_numpy(rounded(p.numpy(), t)))
-        if qtype != Q.F32:
+                packed, kind = pack_gguf_tensor(p.numpy(), typ)
+                p.copy_(torch.from_numpy(unpacked(packed, kind, p.shape)))
+                stored_as[p] = kind
+        if typ != "f32":
             for m in out.modules():
                 if isinstance(m, torch.nn.Linear):
-                    t = qtype if qtype != Q.Q8_0 or m.in_features % 32 == 0 else Q.F16
-                    m.register_forward_pre_hook(round_input(t))
+                    m.register_forward_pre_hook(round_input(stored_as[m.weight]))
     return out
 
 

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -357,14 +358,25 @@ def gguf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
         yield _gguf_name(name), t
 
 
+def pack_gguf_tensor(data: np.ndarray, typ: str) -> tuple[np.ndarray, Any]:
+    """``data`` as a GGUF of ``typ`` (f32, f16, bf16, q8_0) stores it: (the packed array, its
+    ``GGMLQuantizationType``). Norms and biases stay f32, as llama.cpp's converter keeps them;
+    rows that do not fill whole q8_0 blocks fall back to f16."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    want = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[typ] if data.ndim > 1 else Q.F32
+    try:
+        return gguf.quants.quantize(data, want), want
+    except gguf.QuantError:
+        return gguf.quants.quantize(data, Q.F16), Q.F16
+
+
 def write_gguf(path: Path, model: GPT, tok: Tokenizer, cfg: ExportConfig, record: dict[str, Any],
                chat_template: str | None, name: str) -> None:
     """One GGUF file (llama architecture, SentencePiece vocabulary) written with the ``gguf`` package."""
     import gguf
-    import numpy as np
 
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[cfg.type]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[cfg.type]
     m = model.config
@@ -411,16 +423,8 @@ def write_gguf(path: Path, model: GPT, tok: Tokenizer, cfg: ExportConfig, record
     w.add_string(GGUF_RECORD_KEY, json.dumps(record, sort_keys=True))
 
     for gname, t in gguf_tensors(model):
-        data = t.numpy()
-        # norms and biases stay f32, as llama.cpp's converter keeps them; rows that do not fill
-        # whole q8_0 blocks fall back to f16
-        want = qtype if data.ndim > 1 else gguf.GGMLQuantizationType.F32
-        try:
-            packed = gguf.quants.quantize(data, want)
-        except gguf.QuantError:
-            want = gguf.GGMLQuantizationType.F16
-            packed = gguf.quants.quantize(data, want)
-        w.add_tensor(gname, np.ascontiguousarray(packed), raw_dtype=want)
+        packed, kind = pack_gguf_tensor(t.numpy(), cfg.type)
+        w.add_tensor(gname, np.ascontiguousarray(packed), raw_dtype=kind)
 
     w.write_header_to_file(path=path)
     w.write_kv_data_to_file()
