@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmforge.model.gpt import GPT, GPTConfig, MuonWithAdamW, load_preset
+from llmforge.model.gpt import GPT, GPTConfig, Muon, MuonWithAdamW, load_preset, newton_schulz
 
 torch.set_num_threads(1)
 
@@ -206,6 +206,63 @@ def test_muon_takes_block_matrices_and_adamw_the_rest_and_both_train():
     opt2 = GPT(tiny()).configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu", muon=True)
     opt2.load_state_dict(sd)
     assert len(opt2.param_groups) == len(opt.param_groups)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_muon_runs_torchs_iteration_in_float32_on_cpu_batched_by_shape():
+    from torch.optim._muon import _zeropower_via_newtonschulz  # torch's own iteration (bfloat16)
+
+    torch.manual_seed(0)
+    coeffs = (3.4445, -4.7750, 2.0315)
+    for shape in [(3, 48, 16), (2, 16, 48), (2, 16, 16)]:
+        g = torch.randn(*shape)
+        batched = newton_schulz(g, 5, coeffs, 1e-7, torch.float32)
+        assert batched.dtype == torch.float32 and batched.shape == g.shape
+        for i in range(shape[0]):
+            alone = newton_schulz(g[i:i + 1], 5, coeffs, 1e-7, torch.float64)[0]
+            torch.testing.assert_close(batched[i].double(), alone, atol=1e-5, rtol=0)  # batching changes nothing
+            ref = _zeropower_via_newtonschulz(g[i], coeffs, 5, 1e-7).double()
+            assert (alone - ref).abs().max() < 0.05 * alone.abs().max()  # torch's, up to its bfloat16
+            sv = torch.linalg.svdvals(alone)
+            assert 0.1 < sv.min() and sv.max() < 1.3  # orthogonalised, as Muon's quintic does
+    # one step: the same update as torch.optim.Muon's up to bfloat16, and the same state layout
+    ours = [torch.nn.Parameter(torch.randn(48, 16)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(16, 16))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    a = Muon(ours, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    b = torch.optim.Muon(theirs, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q, p0 in zip(ours, theirs, start):
+        assert (p - q).norm() < 0.03 * (p - p0).norm()
+    b.load_state_dict(a.state_dict())
+    a.load_state_dict(b.state_dict())
+    assert set(a.state[ours[0]]) == {"momentum_buffer"}
+
+
+def test_nanochat_init_starts_every_block_as_the_identity():
+    torch.manual_seed(0)
+    m = GPT(tiny(n_embd=64, init="nanochat", tie_embeddings=False, mlp="swiglu"))
+    for block in m.transformer.h:
+        assert block.attn.c_proj.weight.abs().max() == 0 and block.mlp.c_proj.weight.abs().max() == 0
+        w = block.mlp.c_fc.weight
+        assert w.abs().max() <= math.sqrt(3 / 64) and abs(w.std().item() - 64 ** -0.5) < 0.01
+    assert abs(m.transformer.wte.weight.std().item() - 1.0) < 0.05
+    assert abs(m.lm_head.weight.std().item() - 0.001) < 1e-4
+    x = torch.randint(0, 97, (2, 8))
+    h = m.transformer.wte(x)
+    for block in m.transformer.h:  # zero output projections: each block passes its input through
+        cos, sin = m.rope_cos[:8], m.rope_sin[:8]
+        torch.testing.assert_close(block(h, cos, sin, None), h)
+    # it trains, and a tied head keeps GPT-2's small embedding (it is the head too)
+    losses = _train(m, m.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu"), 40)
+    assert losses[-1] < 0.5 * losses[0]
+    tied = GPT(tiny(init="nanochat"))
+    assert abs(tied.transformer.wte.weight.std().item() - 0.02) < 0.002
 
 
 # ---------------------------------------------------------------------------------------------
