@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, create_model, model_validator
 
-from llmforge.config import Config, read_yaml
+from llmforge.config import Config, added_later, read_yaml
 from llmforge.errors import ConfigError, NotFound, did_you_mean
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -54,10 +54,10 @@ class GPTConfig(Config):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings, attention and MLP outputs")
     bias: bool = Field(False, description="biases in Linear layers (GPT-2 had them; they buy nothing)")
     tie_embeddings: bool = Field(True, description="the LM head is the token embedding matrix")
-    init: Literal["gpt2", "nanochat"] = Field("gpt2", description="initial weights: gpt2 (every weight "
-                                              "N(0, 0.02), residual projections / sqrt(2 n_layer)) or nanochat "
-                                              "(untied embedding N(0, 1) and head N(0, 0.001), input matrices U(+-sqrt(3 / "
-                                              "n_embd)), residual projections zero)")
+    init: Literal["gpt2", "nanochat"] = added_later("gpt2", "initial weights: gpt2 (every weight N(0, 0.02), "
+                                                    "residual projections / sqrt(2 n_layer)) or nanochat (untied "
+                                                    "embedding N(0, 1) and head N(0, 0.001), input matrices "
+                                                    "U(+-sqrt(3 / n_embd)), residual projections zero)")
     rope_theta: float = Field(10000.0, gt=0, description="rotary position base")
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
 

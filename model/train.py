@@ -81,6 +81,8 @@ class TrainConfig(Config):
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2")
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0 = off")
+    z_loss: float = added_later(0.0, "weight of PaLM's z-loss, mean(logsumexp(logits)^2), added to the objective "
+                                "(1e-4 in PaLM; 0 = off); the logged loss stays the cross-entropy", ge=0)
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw, or muon for the hidden matrices + "
                                                 "adamw for the rest")
     eval_every: int = Field(250, ge=0, description="validation every N steps; 0 = only at the end")
@@ -487,6 +489,14 @@ class Progress:
                 + (f", ETA {_clock(eta)}" if math.isfinite(eta) and pct < 100 else ""))
 
 
+
+def z_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """PaLM's auxiliary loss: the mean squared log of the softmax normaliser over the positions
+    that have a target, which keeps the logits from drifting to large values."""
+    keep = targets.reshape(-1) != -100
+    lse = logits.float().reshape(-1, logits.size(-1))[keep].logsumexp(-1)
+    return lse.square().mean() if lse.numel() else lse.sum()
+
 def train(
     recipe: TrainRecipe,
     data_dir: str | os.PathLike | None,
@@ -692,9 +702,10 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == cfg.grad_accum - 1 or not dist.enabled
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-                    _, loss = model(x, y)
+                    logits, loss = model(x, y)
                     loss = loss / cfg.grad_accum
-                scaler.scale(loss).backward()
+                    objective = loss + cfg.z_loss / cfg.grad_accum * z_loss(logits, y) if cfg.z_loss else loss
+                scaler.scale(objective).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

@@ -497,6 +497,26 @@ def test_muon_optimizer_trains_and_resumes(tmp_path: Path, data: Path) -> None:
     assert set(load_checkpoint(cont["checkpoint"])["optimizer_state"]) == {"muon", "adamw"}
 
 
+def test_z_loss_shrinks_the_softmax_normaliser_and_the_logged_loss_stays_cross_entropy(tmp_path: Path,
+                                                                                         data: Path) -> None:
+    from llmforge.model.generate import load_for_inference
+    from llmforge.model.train import z_loss
+
+    runs, lse2 = {}, {}
+    x, y = ShardBatcher(Dataset.open(data), "train", 32, 8, seed=0).get_batch(0)
+    for weight in (0.0, 0.1):
+        s = train(small_cfg(z_loss=weight, sample_prompts=[], log_every=1), data, tmp_path / f"z{weight}")
+        runs[weight] = loss_curve(s["mlflow_run_id"])
+        model, _, _ = load_for_inference(s["checkpoint"], device="cpu")
+        with torch.no_grad():
+            logits, _ = model(x, y)
+        lse2[weight] = z_loss(logits, y).item()
+    # the same weights before the first update: the logged loss has no z term in it
+    assert runs[0.1][1] == pytest.approx(runs[0.0][1], rel=1e-6)
+    assert lse2[0.1] < 0.9 * lse2[0.0]  # the normaliser is pulled towards 1 (33 -> 29 here)
+    assert runs[0.1][20] < runs[0.1][1] - 0.5  # and the model still learns (6.2 -> 5.3 here)
+
+
 def test_resume_skips_a_damaged_newest_checkpoint(tmp_path: Path, data: Path) -> None:
     cfg = small_cfg(max_steps=6, ckpt_every=3, sample_prompts=[])
     train(cfg, data, tmp_path / "run")
