@@ -277,9 +277,8 @@ def clean_temp(directory: str | os.PathLike) -> int:
 # one writer per output directory
 
 LOCK_NAME = ".lock"
-_held: dict[Path, int] = {}  # directories this process holds the lock of -> nesting depth
+_held: dict[Path, list[int]] = {}  # directories this process holds the lock of -> [its flocked .lock fd, depth]
 _held_mutex = threading.Lock()
-_fds: dict[Path, int] = {}  # the open, flocked .lock file of each held directory
 
 
 class DirectoryBusy(UserError):
@@ -348,7 +347,7 @@ class DirLock:
         # one's flock, on its own open file, would fail against the first's.
         with _held_mutex:
             if key in _held:
-                _held[key] += 1
+                _held[key][1] += 1
                 self._key = key
                 return self
             fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE)
@@ -364,20 +363,19 @@ class DirLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
             self._key = key
-            _held[key], _fds[key] = 1, fd
+            _held[key] = [fd, 1]
         return self
 
     def __exit__(self, *exc: Any) -> None:
         with _held_mutex:
-            _held[self._key] -= 1
-            if _held[self._key] > 0:
+            held = _held[self._key]
+            held[1] -= 1
+            if held[1] > 0:
                 return
-            del _held[self._key]
             # The last user of this process's lock releases it, whichever DirLock object took it.
-            fd = _fds.pop(self._key, None)
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+            del _held[self._key]
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            os.close(held[0])
 
 
 def human_bytes(n: float) -> str:
