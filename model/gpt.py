@@ -441,6 +441,14 @@ def newton_schulz(g: torch.Tensor, steps: int, coefficients: tuple[float, float,
     return x if wide else x.mT
 
 
+def _closure_loss(closure: Any) -> Any:
+    """An optimizer's ``step(closure)``: the loss the closure computes, with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 _MUON_BASE: Any = getattr(torch.optim, "Muon", torch.optim.Optimizer)  # torch.optim.Muon: torch >= 2.9
 
 
@@ -456,10 +464,7 @@ class Muon(_MUON_BASE):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, momentum = float(group["lr"]), group["momentum"]
             by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -503,10 +508,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         self.muon.step()
         self.adamw.step()
         return loss
