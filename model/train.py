@@ -493,9 +493,9 @@ class Progress:
 def z_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """PaLM's auxiliary loss: the mean squared log of the softmax normaliser over the positions
     that have a target, which keeps the logits from drifting to large values."""
-    keep = targets.reshape(-1) != -100
-    lse = logits.float().reshape(-1, logits.size(-1))[keep].logsumexp(-1)
-    return lse.square().mean() if lse.numel() else lse.sum()
+    keep = (targets != -100).to(torch.float32)  # a mask, not an index: no copy of the logits
+    lse = logits.float().logsumexp(-1)
+    return (lse.square() * keep).sum() / keep.sum().clamp(min=1)
 
 def train(
     recipe: TrainRecipe,
