@@ -41,7 +41,7 @@ from llmforge.model.checkpoint import (
     restore_rng_state,
     tokenizer_bytes,
 )
-from llmforge.model.data import BatchSource, Prefetcher, ShardBatcher
+from llmforge.model.data import IGNORE_INDEX, BatchSource, Prefetcher, ShardBatcher
 from llmforge.model.evaluate import SplitScorer
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, preset_path, resolve_model
@@ -489,13 +489,13 @@ class Progress:
                 + (f", ETA {_clock(eta)}" if math.isfinite(eta) and pct < 100 else ""))
 
 
-
 def z_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """PaLM's auxiliary loss: the mean squared log of the softmax normaliser over the positions
     that have a target, which keeps the logits from drifting to large values."""
-    keep = (targets != -100).to(torch.float32)  # a mask, not an index: no copy of the logits
+    keep = (targets != IGNORE_INDEX).to(torch.float32)  # a mask, not an index: no copy of the logits
     lse = logits.float().logsumexp(-1)
     return (lse.square() * keep).sum() / keep.sum().clamp(min=1)
+
 
 def train(
     recipe: TrainRecipe,
