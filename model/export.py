@@ -104,6 +104,10 @@ def check_exportable(cfg: GPTConfig, where: str | os.PathLike) -> None:
     if cfg.qk_norm:
         raise ConfigError(f"{where}: QK-norm weights have no place in a Llama model; export a model trained "
                           "without --set model.qk_norm=true")
+    extras = [f"{k}={v}" for k, v in (("value_embeds", cfg.value_embeds), ("ngram_buckets", cfg.ngram_buckets)) if v]
+    if extras:
+        raise ConfigError(f"{where}: {', '.join(extras)} has no place in a Llama model; export a model trained "
+                          "without it")
 
 
 def _negate_second_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -367,11 +367,17 @@ def forward_rows(model: GPT, tokens: Sequence[int], caches: Sequence[KVCache]) -
         raise ValueError(f"a sequence reached block_size {cfg.block_size}; re-prefill it first")
     cos = model.rope_cos[pos][:, None, None, :]  # [P, 1, 1, D/2]: each row its own angle
     sin = model.rope_sin[pos][:, None, None, :]
-    x = model.transformer.drop(model.transformer.wte(torch.tensor(list(tokens), device=device)[:, None]))
-    for layer, block in enumerate(model.transformer.h):
+    idx = torch.tensor(list(tokens), device=device)[:, None]
+    if cfg.ngram_buckets:  # each row's n-grams end in its own cache's tokens
+        x = torch.cat([model.embed(idx[i:i + 1], cache) for i, cache in enumerate(caches)])
+    else:
+        x = model.embed(idx)
+    for layer, (block, ve) in enumerate(zip(model.transformer.h, model.value_embeddings(idx))):
         attn = block.attn
         H, Hkv = attn.n_head, attn.n_kv_head
         q, k, v = _rows_linear(attn.c_attn, block.ln_1(x)).split([C, Hkv * D, Hkv * D], dim=2)
+        if ve is not None:
+            v = v + ve
         q = q.view(P, 1, H, D).transpose(1, 2)  # [P, H, 1, D]
         k = k.view(P, 1, Hkv, D).transpose(1, 2)
         v = v.view(P, 1, Hkv, D).transpose(1, 2)
@@ -390,6 +396,6 @@ def forward_rows(model: GPT, tokens: Sequence[int], caches: Sequence[KVCache]) -
         else:
             h = F.gelu(_rows_linear(mlp.c_fc, h))
         x = x + mlp.dropout(_rows_linear(mlp.c_proj, h))
-    for cache in caches:
-        cache.pos += 1
+    for i, cache in enumerate(caches):
+        cache.advance(idx[i:i + 1])
     return _rows_linear(model.lm_head, model.transformer.ln_f(x))[:, 0]

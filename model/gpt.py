@@ -58,6 +58,12 @@ class GPTConfig(Config):
                                                     "residual projections / sqrt(2 n_layer)) or nanochat (untied "
                                                     "embedding N(0, 1) and head N(0, 0.001), input matrices "
                                                     "U(+-sqrt(3 / n_embd)), residual projections zero)")
+    value_embeds: int = added_later(0, "layers (the first ones) whose attention values add an embedding of the "
+                                    "token, a table per layer (modded-nanogpt's value embeddings; not Llama)", ge=0)
+    ngram_buckets: int = added_later(0, "hash buckets of each n-gram embedding table: an embedding of (previous "
+                                     "token, token), and of longer n-grams up to ngram_order, added to the input "
+                                     "(0 = none; not Llama)", ge=0)
+    ngram_order: int = added_later(2, "longest n-gram embedded (2 = bigrams; 3 adds a trigram table)", ge=2, le=8)
     rope_theta: float = Field(10000.0, gt=0, description="rotary position base")
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon")
 
@@ -162,6 +168,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.last_tokens: torch.Tensor | None = None  # [B, <=8]: the last tokens fed, for n-gram embeddings
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k, v`` (``[B, H, T, D]``) at ``pos`` and return all keys/values so far."""
@@ -173,8 +180,15 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Move past ``tokens`` (``[B, T]``, just fed), remembering the last few for n-gram embeddings."""
+        self.pos += tokens.size(1)
+        seen = tokens if self.last_tokens is None else torch.cat([self.last_tokens, tokens], dim=1)
+        self.last_tokens = seen[:, -8:]
+
     def reset(self) -> None:
         self.pos = 0
+        self.last_tokens = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,12 +233,14 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **kw)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        if ve is not None:
+            v = v + ve
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
@@ -272,8 +288,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cos, sin, kv_cache)
+                kv_cache: KVCache | None = None, ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cos, sin, kv_cache, ve)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -288,6 +304,12 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.RMSNorm(config.n_embd, eps=config.norm_eps),
         ))
+        if config.value_embeds:
+            self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.kv_heads * config.head_dim)
+                                              for _ in range(min(config.value_embeds, config.n_layer)))
+        if config.ngram_buckets:
+            self.ngram_embeds = nn.ModuleList(nn.Embedding(config.ngram_buckets, config.n_embd)
+                                              for _ in range(config.ngram_order - 1))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -364,12 +386,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
         cos = self.rope_cos[start:start + T]
         sin = self.rope_sin[start:start + T]
-        x = self.transformer.drop(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        x = self.embed(idx, kv_cache)
+        for block, ve in zip(self.transformer.h, self.value_embeddings(idx)):
+            x = block(x, cos, sin, kv_cache, ve)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(idx)
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
@@ -378,6 +400,34 @@ class GPT(nn.Module):
         if kv_cache is not None:
             return self.lm_head(x), None
         return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
+
+    def embed(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The first block's input: the token embedding, plus the n-gram embeddings when set."""
+        x = self.transformer.wte(idx)
+        if self.config.ngram_buckets:
+            for table, ids in zip(self.ngram_embeds, self.ngram_ids(idx, kv_cache)):
+                x = x + table(ids)
+        return self.transformer.drop(x)
+
+    def value_embeddings(self, idx: torch.Tensor) -> list[torch.Tensor | None]:
+        """Each block's value embedding of the tokens (``None`` for blocks without one)."""
+        ves = [table(idx) for table in self.value_embeds] if self.config.value_embeds else []
+        return ves + [None] * (self.config.n_layer - len(ves))
+
+    def ngram_ids(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> list[torch.Tensor]:
+        """For n = 2 .. ngram_order, the hash bucket of the n tokens ending at each position;
+        before the first token of a sequence come markers (vocab_size) that no token id equals."""
+        n = self.config.ngram_order
+        before = torch.full_like(idx[:, :1], self.config.vocab_size).expand(-1, n - 1)
+        if kv_cache is not None and kv_cache.pos > 0:  # generation: the tokens fed before these
+            before = torch.cat([before, kv_cache.last_tokens], 1)[:, -(n - 1):]
+        seq = torch.cat([before, idx], 1)
+        T, buckets = idx.size(1), self.config.ngram_buckets
+        h, out = seq[:, n - 1:], []
+        for k in range(1, n):  # fold in the token k places back
+            h = (h * 1000003 + seq[:, n - 1 - k:n - 1 - k + T] * (2 * k + 1) + k) % buckets
+            out.append(h)
+        return out
 
     def configure_optimizers(self, weight_decay: float, lr: float, betas: tuple[float, float],
                              device_type: str, muon: bool = False, embedding_lr: float | None = None,
@@ -400,7 +450,9 @@ class GPT(nn.Module):
         fused = device_type in ("cuda", "cpu")  # one kernel per step; and it can skip a non-finite step
         # a group of its own only when its lr differs, so the default layout (and old checkpoints'
         # optimizer state) stays [matrices, vectors]
-        special = {n: g_lr for n, g_lr in (("transformer.wte.weight", embedding_lr), ("lm_head.weight", head_lr))
+        lookups = [n for n in params if n.startswith(("value_embeds.", "ngram_embeds."))]  # tables like wte
+        special = {n: g_lr for n, g_lr in (("transformer.wte.weight", embedding_lr), ("lm_head.weight", head_lr),
+                                           *((n, embedding_lr) for n in lookups))
                    if n in params and g_lr is not None and g_lr != lr}
 
         def in_muon(name: str, p: torch.Tensor) -> bool:

@@ -253,7 +253,8 @@ def test_gguf_holds_llama_metadata_the_sentencepiece_vocabulary_and_the_weights(
 
 
 @pytest.mark.parametrize("model_kw, says", [({"mlp": "gelu"}, "--set model.mlp=swiglu"),
-                                             ({"qk_norm": True}, "QK-norm")])
+                                             ({"qk_norm": True}, "QK-norm"),
+                                             ({"ngram_buckets": 61}, "ngram_buckets=61")])
 def test_a_model_llama_cannot_hold_is_refused_in_one_line_before_anything_is_written(tmp_path, tok, capsys,
                                                                                       model_kw, says):
     ckpt, _ = make_checkpoint(tmp_path / "best.pt", tok, **model_kw)

@@ -339,6 +339,49 @@ def test_cached_forward_equals_full_forward_with_llama_options(kw):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kw", [dict(ngram_buckets=61), dict(ngram_buckets=61, ngram_order=3),
+                                dict(value_embeds=1), dict(value_embeds=2, ngram_buckets=61, n_kv_head=2)])
+def test_cached_forward_equals_full_forward_with_token_lookups(kw):
+    """n-gram embeddings need the tokens fed before each chunk: the cache remembers them."""
+    torch.manual_seed(0)
+    m = GPT(tiny(n_head=4, n_embd=64, **kw)).eval()
+    x = torch.randint(0, 97, (2, 30))
+    full, _ = m(x, x)
+    cache = m.make_kv_cache(2)
+    parts = [m(x[:, :11], kv_cache=cache)[0], m(x[:, 11:12], kv_cache=cache)[0], m(x[:, 12:19], kv_cache=cache)[0]]
+    parts += [m(x[:, t:t + 1], kv_cache=cache)[0] for t in range(19, 30)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
+    cache.reset()  # a fresh start forgets the old tokens: the same logits as a fresh cache
+    torch.testing.assert_close(m(x[:, 5:9], kv_cache=cache)[0], m(x[:, 5:9], x[:, 5:9])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_ngram_bucket_of_a_position_depends_on_its_last_n_tokens_only():
+    m = GPT(tiny(ngram_buckets=1021, ngram_order=3))
+    x = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    bigram, trigram = m.ngram_ids(x)
+    assert bigram.shape == trigram.shape == x.shape and int(bigram.max()) < 1021
+    y = x.clone()
+    y[0, 5] = (x[0, 5] + 1) % 97
+    b2, t2 = m.ngram_ids(y)
+    assert (b2 != bigram)[0].nonzero().flatten().tolist() == [5, 6]  # the pairs (4, 5) and (5, 6)
+    assert (t2 != trigram)[0].nonzero().flatten().tolist() == [5, 6, 7]
+    # the same pair anywhere, in any row, has the same bucket; the first token pairs with a marker
+    z = torch.cat([x[:, 3:5], x[:, :1], x[:, 3:5]], 1)
+    bz, _ = m.ngram_ids(z)
+    assert bz[0, 1] == bz[0, 4] == bigram[0, 4] and bz[0, 0] != bigram[0, 3]
+
+
+def test_lookup_tables_learn_at_the_embedding_rate_and_leave_the_default_layout_alone():
+    m = GPT(tiny(ngram_buckets=61, value_embeds=2, tie_embeddings=False))
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", embedding_lr=0.05)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    tables = [m.ngram_embeds[0].weight, m.value_embeds[0].weight, m.value_embeds[1].weight]
+    assert [lr_of[id(p)] for p in tables] == [0.05] * 3 and len(lr_of) == len(list(m.parameters()))
+    assert m.value_embeds[0].weight.shape == (97, 32) and m.ngram_embeds[0].weight.shape == (61, 32)
+    plain = {k for k in GPT(tiny()).state_dict()}
+    assert not any(k.startswith(("ngram", "value_embeds")) for k in plain)
+
+
 def test_qk_norm_makes_attention_independent_of_the_scale_of_queries_and_keys():
     torch.manual_seed(0)
     m = GPT(tiny(qk_norm=True)).eval()

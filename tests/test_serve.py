@@ -271,8 +271,9 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_ctrl_c_stops_the_server(
         s.listen()
 
 
-@pytest.mark.parametrize("shape", [{}, {"bias": True}, {"mlp": "swiglu", "n_kv_head": 2, "qk_norm": True}],
-                         ids=["gpt", "bias", "llama-gqa-qknorm"])
+@pytest.mark.parametrize("shape", [{}, {"bias": True}, {"mlp": "swiglu", "n_kv_head": 2, "qk_norm": True},
+                                   {"ngram_buckets": 61, "ngram_order": 3, "value_embeds": 1}],
+                         ids=["gpt", "bias", "llama-gqa-qknorm", "ngram-value-embeds"])
 def test_a_batched_step_gives_each_sequence_exactly_its_logits_alone(proto, shape):
     """The engine's batched step: whatever shares the batch, in whatever order, a sequence's
     logits are bit for bit those of GPT.forward on it alone (so served text is generate()'s),
