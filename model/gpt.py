@@ -10,7 +10,9 @@ Options for the Llama shape (``model/export.py`` writes such a model as a Llama 
 (grouped-query attention: heads share keys/values in groups, and the KV cache holds only
 ``n_kv_head`` heads) and ``tie_embeddings=False``. ``qk_norm`` (RMSNorm on each head's q and
 k before rotary, as in the modded-nanogpt speedrun) is for experiments; Llama has no such
-weights. Every default is the original GPT shape, so old checkpoints load unchanged.
+weights, nor the lookups that cost no matrix products: ``ngram_buckets`` (a hashed embedding of
+the previous token(s) and the token, added to the input) and ``value_embeds`` (a token embedding
+added to the attention values of the first blocks, modded-nanogpt's). Every default is the original GPT shape, so old checkpoints load unchanged.
 
 Presets live in ``configs/model/<name>.yaml`` and hold model fields only; ``vocab_size`` comes
 from the tokenizer / shard manifest at build time (``load_preset("tiny", vocab_size=8000)``).
