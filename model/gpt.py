@@ -12,7 +12,8 @@ Options for the Llama shape (``model/export.py`` writes such a model as a Llama 
 k before rotary, as in the modded-nanogpt speedrun) is for experiments; Llama has no such
 weights, nor the lookups that cost no matrix products: ``ngram_buckets`` (a hashed embedding of
 the previous token(s) and the token, added to the input) and ``value_embeds`` (a token embedding
-added to the attention values of the first blocks, modded-nanogpt's). Every default is the original GPT shape, so old checkpoints load unchanged.
+added to the attention values of the first blocks, modded-nanogpt's). Every default is the
+original GPT shape, so old checkpoints load unchanged.
 
 Presets live in ``configs/model/<name>.yaml`` and hold model fields only; ``vocab_size`` comes
 from the tokenizer / shard manifest at build time (``load_preset("tiny", vocab_size=8000)``).
@@ -297,6 +298,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    _LOOKUPS = ("value_embeds.", "ngram_embeds.")  # embedding tables besides wte: gathers, not matmuls
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -355,8 +358,10 @@ class GPT(nn.Module):
         """Parameter count. ``non_embedding`` leaves out the embedding *lookup* table; when it is
         tied to the LM head it still counts (its matmul is real compute), as nanoGPT counts."""
         n = sum(p.numel() for p in self.parameters())  # parameters() de-duplicates tied weights
-        if non_embedding and not self.config.tie_embeddings:
-            n -= self.transformer.wte.weight.numel()
+        if non_embedding:  # lookups only: the n-gram and value embedding tables too
+            n -= sum(p.numel() for name, p in self.named_parameters() if name.startswith(self._LOOKUPS))
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
@@ -452,7 +457,7 @@ class GPT(nn.Module):
         fused = device_type in ("cuda", "cpu")  # one kernel per step; and it can skip a non-finite step
         # a group of its own only when its lr differs, so the default layout (and old checkpoints'
         # optimizer state) stays [matrices, vectors]
-        lookups = [n for n in params if n.startswith(("value_embeds.", "ngram_embeds."))]  # tables like wte
+        lookups = [n for n in params if n.startswith(self._LOOKUPS)]  # tables, learning like wte
         special = {n: g_lr for n, g_lr in (("transformer.wte.weight", embedding_lr), ("lm_head.weight", head_lr),
                                            *((n, embedding_lr) for n in lookups))
                    if n in params and g_lr is not None and g_lr != lr}

@@ -367,6 +367,7 @@ def test_lookup_tables_learn_at_the_embedding_rate_and_leave_the_default_layout_
     tables = [m.ngram_embeds[0].weight, m.value_embeds[0].weight, m.value_embeds[1].weight]
     assert [lr_of[id(p)] for p in tables] == [0.05] * 3 and len(lr_of) == len(list(m.parameters()))
     assert m.value_embeds[0].weight.shape == (97, 32) and m.ngram_embeds[0].weight.shape == (61, 32)
+    assert m.num_params() == GPT(tiny(tie_embeddings=False)).num_params()  # lookups cost no FLOPs per token
     plain = {k for k in GPT(tiny()).state_dict()}
     assert not any(k.startswith(("ngram", "value_embeds")) for k in plain)
 
