@@ -354,7 +354,7 @@ def test_ngram_bucket_of_a_position_depends_on_its_last_n_tokens_only():
     b2, t2 = m.ngram_ids(y)
     assert (b2 != bigram)[0].nonzero().flatten().tolist() == [5, 6]  # the pairs (4, 5) and (5, 6)
     assert (t2 != trigram)[0].nonzero().flatten().tolist() == [5, 6, 7]
-    # the same pair anywhere, in any row, has the same bucket; the first token pairs with a marker
+    # the same pair anywhere in a sequence has the same bucket; the first token pairs with a marker
     z = torch.cat([x[:, 3:5], x[:, :1], x[:, 3:5]], 1)
     bz, _ = m.ngram_ids(z)
     assert bz[0, 1] == bz[0, 4] == bigram[0, 4] and bz[0, 0] != bigram[0, 3]
