@@ -45,6 +45,7 @@ from llmforge.model.data import IGNORE_INDEX, BatchSource, Prefetcher, ShardBatc
 from llmforge.model.evaluate import SplitScorer
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, preset_path, resolve_model
+from llmforge.model.teacher import NgramTeacher, distill_loss
 from llmforge.model.runtime import DistInfo, all_reduce, autocast, peak_flops, resolve_device, resolve_dtype
 from llmforge.pipeline.fsutil import DirLock, atomic_write_json, atomic_write_text, read_json
 from llmforge.pipeline.shards import Dataset
@@ -83,6 +84,13 @@ class TrainConfig(Config):
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0 = off")
     z_loss: float = added_later(0.0, "weight of PaLM's z-loss, mean(logsumexp(logits)^2), added to the objective "
                                 "(1e-4 in PaLM; 0 = off); the logged loss stays the cross-entropy", ge=0)
+    teacher_order: int = added_later(0, "an n-gram teacher of this order (2-4) counted from the training split "
+                                     "gives soft targets (model/teacher.py); 0 = off", ge=0, le=4)
+    teacher_weight: float = added_later(0.5, "the teacher's share of the loss at the start; it falls linearly to "
+                                        "0 at `teacher_until` of the budget", ge=0, le=1)
+    teacher_until: float = added_later(1.0, "share of the budget after which the loss is the data's alone",
+                                       gt=0, le=1)
+    teacher_tokens: Count = added_later(64_000_000, "tokens of the training split the teacher counts", gt=0)
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw, or muon for the hidden matrices + "
                                                 "adamw for the rest")
     eval_every: int = Field(250, ge=0, description="validation every N steps; 0 = only at the end")
@@ -201,6 +209,7 @@ class Budget:
         self.t0 = time.perf_counter()
         self.frozen: float | None = None  # the clock stops after the last step (the final eval is not in it)
         self.step_time = None  # moving average of one step's wall time (time budgets)
+        self.share = 0.0  # the budget share the last lr factor was computed at
 
     @property
     def by_time(self) -> bool:
@@ -224,8 +233,15 @@ class Budget:
 
     def lr_factor(self, step: int, last: bool, progress: float | None = None) -> float:
         if not self.by_time and self.cfg.tokens is None:
+            self.share = step / self.total_steps
             return lr_factor(step, self.cfg)  # bit-identical to a run before budgets existed
-        return lr_factor(step, self.cfg, 1.0 if last else (self.progress(step) if progress is None else progress))
+        self.share = 1.0 if last else (self.progress(step) if progress is None else progress)
+        return lr_factor(step, self.cfg, self.share)
+
+    def teacher_weight(self) -> float:
+        """The n-gram teacher's share of the loss for the step whose lr was set last."""
+        cfg = self.cfg
+        return cfg.teacher_weight * max(0.0, 1.0 - self.share / cfg.teacher_until) if cfg.teacher_order else 0.0
 
     def next_step(self, step: int, dist: DistInfo, device: torch.device) -> tuple[bool, float]:
         """(is this the last step, its lr factor). Under DDP a time budget is read off rank 0's
@@ -639,6 +655,21 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 print(f"{out_dir}: already trained to step {step}; nothing to do")
             return summary
 
+    teacher = None
+    if cfg.teacher_order:
+        if dataset is None or not isinstance(batcher, (ShardBatcher, Prefetcher)):
+            raise ConfigError("train.teacher_order: an n-gram teacher needs a token dataset and the built-in batches")
+        per_micro = getattr(batcher, "batch_size", cfg.batch_size) * block_size * model_cfg.vocab_size * 4
+        if per_micro > 2 << 30:  # the targets are (positions, vocab) floats, twice over in the backward
+            raise ConfigError(f"train.teacher_order: the teacher's targets would take {per_micro / 2**30:.1f} GiB "
+                              f"per micro-batch (batch {cfg.batch_size} x {block_size} tokens x {model_cfg.vocab_size}"
+                              f" vocab); lower train.batch_size and raise train.grad_accum")
+        teacher = NgramTeacher.count(dataset, cfg.train_split, cfg.teacher_order, cfg.teacher_tokens).to(device)
+        budget.spent_before += teacher.seconds  # the counting is part of what the run spends
+        if dist.is_main:
+            print(f"n-gram teacher: order {teacher.order} over {teacher.tokens:,} tokens in {teacher.seconds:.1f} s "
+                  f"(counted in the budget)", flush=True)
+
     corpus = ((dataset.manifest.get("config") or {}).get("corpus") or {}).get("name") if dataset else None
     name = run_name or tracking.run_name(stage, corpus, recipe.label, cfg.budget)
     tags = {tracking.TAG_CORPUS: corpus, tracking.TAG_RECIPE: recipe.label,
@@ -696,15 +727,22 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             finished, factor = budget.next_step(step, dist, device)
             for g, base_lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base_lr * factor
+            teacher_w = budget.teacher_weight() if teacher is not None else 0.0
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 x, y = batcher.get_batch(step, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == cfg.grad_accum - 1 or not dist.enabled
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-                    logits, loss = model(x, y)
-                    loss = loss / cfg.grad_accum
-                    objective = loss + cfg.z_loss / cfg.grad_accum * z_loss(logits, y) if cfg.z_loss else loss
+                    if teacher_w:  # the logged loss stays the cross-entropy against the data
+                        logits, _ = model(x, all_logits=True)
+                        objective, loss = distill_loss(logits, teacher.probs(x), y, teacher_w)
+                        objective, loss = objective / cfg.grad_accum, loss / cfg.grad_accum
+                    else:
+                        logits, loss = model(x, y)
+                        objective = loss = loss / cfg.grad_accum
+                    if cfg.z_loss:
+                        objective = objective + cfg.z_loss / cfg.grad_accum * z_loss(logits, y)
                 scaler.scale(objective).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)

@@ -552,3 +552,46 @@ def test_learning_rates_added_later_enter_the_run_key_only_when_set() -> None:
     assert TrainConfig(lr=2e-3, embedding_lr=None).key_dict() == plain
     tuned = TrainConfig(lr=2e-3, embedding_lr=0.1).key_dict()
     assert tuned["embedding_lr"] == 0.1 and tuned != plain
+
+
+# ---------------------------------------------------------------------------------- n-gram teacher
+
+def test_the_teacher_weight_falls_linearly_to_zero_at_its_share_of_the_budget() -> None:
+    from llmforge.model.train import Budget
+
+    cfg = TrainConfig(max_steps=100, teacher_order=3, teacher_weight=0.8, teacher_until=0.5)
+    budget = Budget(cfg, tokens_per_step=128)
+    weights = []
+    for step in (0, 25, 50, 99):
+        budget.lr_factor(step, step == 99)
+        weights.append(budget.teacher_weight())
+    assert weights == pytest.approx([0.8, 0.4, 0.0, 0.0])
+    off = Budget(TrainConfig(max_steps=100), tokens_per_step=128)
+    off.lr_factor(0, False)
+    assert off.teacher_weight() == 0.0
+    # on a time budget the weight follows the share of the clock, like the learning rate
+    timed = Budget(TrainConfig(time="10m", teacher_order=2), tokens_per_step=128, spent_s=150.0)
+    timed.lr_factor(400, False)
+    assert timed.teacher_weight() == pytest.approx(0.5 * 0.75, abs=1e-3)
+    assert "teacher_order" not in TrainConfig().key_dict()  # runs from before the teacher keep their key
+
+
+def test_an_ngram_teacher_changes_the_updates_and_the_logged_loss_stays_the_cross_entropy(tmp_path: Path,
+                                                                                            data: Path) -> None:
+    runs, states = {}, {}
+    for order in (0, 3):
+        s = train(small_cfg(teacher_order=order, teacher_weight=0.7, sample_prompts=[], log_every=1), data,
+                  tmp_path / f"t{order}")
+        runs[order] = loss_curve(s["mlflow_run_id"])
+        states[order] = load_checkpoint(s["checkpoint"])["model_state"]
+    # the same weights before the first update: the logged loss is the data's cross-entropy
+    assert runs[3][1] == pytest.approx(runs[0][1], rel=1e-5)
+    assert not torch.equal(states[3]["lm_head.weight"], states[0]["lm_head.weight"])
+    assert runs[3][20] < runs[3][1] - 1.0  # and it learns (6.4 -> 4.6 here)
+
+
+def test_a_teacher_needs_the_token_dataset_batches(tmp_path: Path, data: Path) -> None:
+    # fine-tuning batches (masked targets, another source) have no n-gram statistics to count
+    batcher = MaskedAt(ShardBatcher(Dataset.open(data), "train", 32, 4, seed=0), set())
+    with pytest.raises(ConfigError, match="teacher needs a token dataset"):
+        train(small_cfg(teacher_order=2, sample_prompts=[]), data, tmp_path / "run", batcher=batcher)
