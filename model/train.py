@@ -610,6 +610,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             resume.get("val_loss")
 
     # --- data ------------------------------------------------------------------------------------
+    own_batches = batcher is None  # windows of the token dataset, as opposed to a caller's (fine-tuning) source
     if batcher is None:
         batcher = ShardBatcher(dataset, cfg.train_split, block_size, cfg.batch_size, seed=cfg.seed,
                                rank=dist.rank, world_size=dist.world_size)
@@ -657,7 +658,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
 
     teacher = None
     if cfg.teacher_order:
-        if dataset is None or not isinstance(batcher, (ShardBatcher, Prefetcher)):
+        if dataset is None or not own_batches:  # (on CUDA any source is wrapped in a Prefetcher)
             raise ConfigError("train.teacher_order: an n-gram teacher needs a token dataset and the built-in batches")
         per_micro = getattr(batcher, "batch_size", cfg.batch_size) * block_size * model_cfg.vocab_size * 4
         if per_micro > 2 << 30:  # the targets are (positions, vocab) floats, twice over in the backward
@@ -727,7 +728,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             finished, factor = budget.next_step(step, dist, device)
             for g, base_lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base_lr * factor
-            teacher_w = budget.teacher_weight() if teacher is not None else 0.0
+            teacher_w = budget.teacher_weight()  # 0 without a teacher
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 x, y = batcher.get_batch(step, micro)
