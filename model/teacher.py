@@ -6,11 +6,12 @@ knows the corpus' word statistics better than the network will for a long while 
 benchmark's split by author, a trigram counted over the 59M training tokens in ~10 s scores
 1.69 held-out bits per byte; ten minutes of training on two cores reach 1.97). With a teacher the
 training loss becomes a mix of the usual cross-entropy against the next token and a cross-entropy
-against the teacher's whole distribution, whose weight falls to 0 as the budget runs out:
+against the teacher's whole distribution, whose weight w moves linearly from ``train.teacher_weight``
+to ``train.teacher_final`` (by default 0) over the budget:
 
     loss = (1 - w) * CE(model, next token) + w * CE(model, teacher(context))
 
-so the model learns from the teacher early and from the data alone at the end. The model stays
+so by default the model learns from the teacher early and from the data alone at the end. The model stays
 a plain GPT (the teacher is not part of it: it exports, chats and serves like any other).
 
 The teacher is interpolated absolute discounting with a Kneser-Ney continuation unigram at the

@@ -45,8 +45,8 @@ from llmforge.model.data import IGNORE_INDEX, BatchSource, Prefetcher, ShardBatc
 from llmforge.model.evaluate import SplitScorer
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, preset_path, resolve_model
-from llmforge.model.teacher import NgramTeacher, distill_loss
 from llmforge.model.runtime import DistInfo, all_reduce, autocast, peak_flops, resolve_device, resolve_dtype
+from llmforge.model.teacher import NgramTeacher, distill_loss
 from llmforge.pipeline.fsutil import DirLock, atomic_write_json, atomic_write_text, read_json
 from llmforge.pipeline.shards import Dataset
 from llmforge.stage import Stage
@@ -86,10 +86,12 @@ class TrainConfig(Config):
                                 "(1e-4 in PaLM; 0 = off); the logged loss stays the cross-entropy", ge=0)
     teacher_order: int = added_later(0, "an n-gram teacher of this order (2-4) counted from the training split "
                                      "gives soft targets (model/teacher.py); 0 = off", ge=0, le=4)
-    teacher_weight: float = added_later(0.5, "the teacher's share of the loss at the start; it falls linearly to "
-                                        "0 at `teacher_until` of the budget", ge=0, le=1)
-    teacher_until: float = added_later(1.0, "share of the budget after which the loss is the data's alone",
-                                       gt=0, le=1)
+    teacher_weight: float = added_later(0.5, "the teacher's share of the loss at the start; it moves linearly to "
+                                        "`teacher_final` at `teacher_until` of the budget", ge=0, le=1)
+    teacher_until: float = added_later(1.0, "share of the budget at which the teacher's share reaches "
+                                       "`teacher_final`", gt=0, le=1)
+    teacher_final: float = added_later(0.0, "the teacher's share of the loss from `teacher_until` of the budget on "
+                                       "(1.0 with teacher_weight 1.0: the teacher throughout)", ge=0, le=1)
     teacher_tokens: Count = added_later(64_000_000, "tokens of the training split the teacher counts", gt=0)
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw, or muon for the hidden matrices + "
                                                 "adamw for the rest")
@@ -241,7 +243,11 @@ class Budget:
     def teacher_weight(self) -> float:
         """The n-gram teacher's share of the loss for the step whose lr was set last."""
         cfg = self.cfg
-        return cfg.teacher_weight * max(0.0, 1.0 - self.share / cfg.teacher_until) if cfg.teacher_order else 0.0
+        if not cfg.teacher_order:
+            return 0.0
+        if not cfg.teacher_final:  # (as computed before `teacher_final` existed)
+            return cfg.teacher_weight * max(0.0, 1.0 - self.share / cfg.teacher_until)
+        return cfg.teacher_weight + (cfg.teacher_final - cfg.teacher_weight) * min(1.0, self.share / cfg.teacher_until)
 
     def next_step(self, step: int, dist: DistInfo, device: torch.device) -> tuple[bool, float]:
         """(is this the last step, its lr factor). Under DDP a time budget is read off rank 0's

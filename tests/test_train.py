@@ -556,7 +556,7 @@ def test_learning_rates_added_later_enter_the_run_key_only_when_set() -> None:
 
 # ---------------------------------------------------------------------------------- n-gram teacher
 
-def test_the_teacher_weight_falls_linearly_to_zero_at_its_share_of_the_budget() -> None:
+def test_the_teacher_weight_moves_linearly_to_its_final_share_at_its_share_of_the_budget() -> None:
     from llmforge.model.train import Budget
 
     cfg = TrainConfig(max_steps=100, teacher_order=3, teacher_weight=0.8, teacher_until=0.5)
@@ -573,7 +573,16 @@ def test_the_teacher_weight_falls_linearly_to_zero_at_its_share_of_the_budget() 
     timed = Budget(TrainConfig(time="10m", teacher_order=2), tokens_per_step=128, spent_s=150.0)
     timed.lr_factor(400, False)
     assert timed.teacher_weight() == pytest.approx(0.5 * 0.75, abs=1e-3)
-    assert "teacher_order" not in TrainConfig().key_dict()  # runs from before the teacher keep their key
+    # with a final share it moves to that share (here up, 0.5 to 0.6) and stays there
+    held = Budget(TrainConfig(max_steps=100, teacher_order=3, teacher_until=0.5, teacher_final=0.6),
+                  tokens_per_step=128)
+    finals = []
+    for step in (0, 25, 50, 99):
+        held.lr_factor(step, step == 99)
+        finals.append(held.teacher_weight())
+    assert finals == pytest.approx([0.5, 0.55, 0.6, 0.6])
+    keys = TrainConfig().key_dict()
+    assert not {"teacher_order", "teacher_final"} & set(keys)  # earlier runs keep their key
 
 
 def test_an_ngram_teacher_changes_the_updates_and_the_logged_loss_stays_the_cross_entropy(tmp_path: Path,
