@@ -245,9 +245,8 @@ class Budget:
         cfg = self.cfg
         if not cfg.teacher_order:
             return 0.0
-        if not cfg.teacher_final:  # (as computed before `teacher_final` existed)
-            return cfg.teacher_weight * max(0.0, 1.0 - self.share / cfg.teacher_until)
-        return cfg.teacher_weight + (cfg.teacher_final - cfg.teacher_weight) * min(1.0, self.share / cfg.teacher_until)
+        reached = min(1.0, self.share / cfg.teacher_until)  # with teacher_final 0: bit for bit the weight before it
+        return cfg.teacher_weight * (1.0 - reached) + cfg.teacher_final * reached
 
     def next_step(self, step: int, dist: DistInfo, device: torch.device) -> tuple[bool, float]:
         """(is this the last step, its lr factor). Under DDP a time budget is read off rank 0's
