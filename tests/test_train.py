@@ -360,6 +360,20 @@ def test_schedule_on_a_budget_warms_up_holds_then_decays_to_the_floor(schedule) 
         TrainConfig.load({"time": "1m", "tokens": 1000})
 
 
+def test_compile_steps_do_not_end_a_time_budget_early() -> None:
+    from llmforge.model.train import Budget
+
+    # torch.compile on a CPU: the first step took 20 s, the second (a recompile) 8 s, then 0.2 s each.
+    # With 50 s of a 60 s budget spent, the next step is not the last: 0.2 s fit in what is left.
+    budget = Budget(TrainConfig(time="60s"), tokens_per_step=128, spent_s=50.0)
+    for seconds in (20.0, 8.0, 0.2, 0.2):
+        budget.record(seconds)
+    assert budget.step_time == pytest.approx(0.2)
+    assert not budget.is_last(4)
+    budget.spent_before = 59.9
+    assert budget.is_last(5)  # and one that would not finish in time is
+
+
 def test_token_budget_is_an_exact_step_count(tmp_path: Path, data: Path) -> None:
     s = train(small_cfg(tokens=20 * 4 * 32 - 5, sample_prompts=[], log_every=5), data, tmp_path / "run")
     assert s["status"] == "completed" and s["step"] == 20 and s["max_steps"] == 20
