@@ -95,6 +95,7 @@ def model_rate(preset: str, ds: Dataset, device: torch.device, batch_size: int, 
     weights) and of llmforge's held-out scorer, on the same batches."""
     from llmforge.model.data import Prefetcher
     from llmforge.model.evaluate import score_batches
+    from llmforge.model.loss import head_loss
     from llmforge.model.runtime import autocast
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -131,8 +132,9 @@ def model_rate(preset: str, ds: Dataset, device: torch.device, batch_size: int, 
 
     def one(step: int) -> None:
         x, y = source.get_batch(step)
-        with autocast(device, dtype):
-            _, loss = step_model(x.to(device), y.to(device))
+        with autocast(device, dtype):  # the head inside the loss, chunk by chunk (model/loss.py)
+            hidden, _ = step_model(x.to(device), hidden=True)
+            loss, _ = head_loss(hidden, model.lm_head.weight, y.to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -379,13 +379,14 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, reduction: str = "mean",
-                all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and (with ``targets``) the cross-entropy, ignoring target ``-100``.
 
         - with targets: logits ``[B, T, V]`` and the loss in float32: the mean over scored
           targets, their ``"sum"``, or per position (``"none"``, ``[B, T]``, 0 where ignored);
-        - no targets, no cache: logits of the last position only, ``[B, 1, V]`` (of every position
-          with ``all_logits``, for a loss computed outside);
+        - no targets, no cache: logits of the last position only, ``[B, 1, V]``;
+        - with ``hidden``: the head's input ``[B, T, n_embd]`` instead of logits, for a loss that
+          applies the head itself (``model/loss.py``'s ``head_loss``);
         - with ``kv_cache``: logits ``[B, T, V]`` for the tokens fed, which sit at positions
           ``kv_cache.pos ...``; their keys/values are appended and ``pos`` advances by ``T``.
         """
@@ -401,12 +402,14 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.advance(idx)
+        if hidden:
+            return x, None
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100, reduction=reduction)
             return logits, loss.view(B, T) if reduction == "none" else loss
-        if kv_cache is not None or all_logits:
+        if kv_cache is not None:
             return self.lm_head(x), None
         return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
 

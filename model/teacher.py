@@ -11,8 +11,9 @@ to ``train.teacher_final`` (by default 0) over the budget:
 
     loss = (1 - w) * CE(model, next token) + w * CE(model, teacher(context))
 
-so by default the model learns from the teacher early and from the data alone at the end. The model stays
-a plain GPT (the teacher is not part of it: it exports, chats and serves like any other).
+so by default the model learns from the teacher early and from the data alone at the end
+(``model/loss.py`` computes that loss with the head, a chunk of sequences at a time). The model
+stays a plain GPT (the teacher is not part of it: it exports, chats and serves like any other).
 
 The teacher is interpolated absolute discounting with a Kneser-Ney continuation unigram at the
 bottom: ``P_n(w | ctx) = max(c(ctx w) - D_n, 0) / c(ctx) + D_n * types(ctx) / c(ctx) * P_{n-1}(w | ctx')``
@@ -25,15 +26,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import torch
 
 from llmforge.errors import ConfigError
 from llmforge.pipeline.shards import Dataset
 
-__all__ = ["NgramTeacher", "distill_loss"]
+__all__ = ["NgramTeacher"]
 
 DENSE_LIMIT = 1 << 26  # a bigram level with vocab_size**2 entries up to this is kept as one dense table
 
@@ -153,38 +152,3 @@ class NgramTeacher:
                 ctx = ctx * self.vocab_size + flat[(pos - (n - 2) + k).clamp(min=0)]
             _apply(probs, level, torch.where(pos % T >= n - 2, ctx, -1))  # -1: fewer tokens in the window
         return probs.view(B, T, -1)
-
-
-class _DistillCE(torch.autograd.Function):
-    """Cross-entropy against ``weight * teacher + (1 - weight) * one-hot(target)`` in one pass each
-    way (no mixed target tensor, no log-softmax kept); also returns the plain cross-entropy."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
-                weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-        lse = torch.logsumexp(logits, 1)
-        z_data = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-        z_teacher = torch.bmm(teacher.unsqueeze(1), logits.unsqueeze(2)).view(-1)  # sum_v teacher_v z_v
-        ctx.save_for_backward(logits, teacher, targets, lse)
-        ctx.weight = weight
-        hard = (lse - z_data).mean()
-        ctx.mark_non_differentiable(hard)
-        return (lse - weight * z_teacher - (1.0 - weight) * z_data).mean(), hard
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        logits, teacher, targets, lse = ctx.saved_tensors
-        g = (logits - lse.unsqueeze(1)).exp_()  # the softmax
-        g.sub_(teacher, alpha=ctx.weight)
-        rows = torch.arange(len(targets), device=g.device)
-        g[rows, targets] -= 1.0 - ctx.weight
-        return g.mul_(grad / len(targets)), None, None, None
-
-
-def distill_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, targets: torch.Tensor,
-                 weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the mean cross-entropy of ``logits`` (..., V) against ``weight * teacher_probs + (1 - weight)
-    * one-hot(targets)``, the plain mean cross-entropy against ``targets``, not differentiable)."""
-    V = logits.size(-1)
-    return _DistillCE.apply(logits.float().reshape(-1, V), teacher_probs.reshape(-1, V).float(),
-                            targets.reshape(-1), float(weight))

@@ -45,8 +45,9 @@ from llmforge.model.data import IGNORE_INDEX, BatchSource, Prefetcher, ShardBatc
 from llmforge.model.evaluate import SplitScorer
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, preset_path, resolve_model
+from llmforge.model.loss import head_loss
 from llmforge.model.runtime import DistInfo, all_reduce, autocast, peak_flops, resolve_device, resolve_dtype
-from llmforge.model.teacher import NgramTeacher, distill_loss
+from llmforge.model.teacher import NgramTeacher
 from llmforge.pipeline.fsutil import DirLock, atomic_write_json, atomic_write_text, read_json
 from llmforge.pipeline.shards import Dataset
 from llmforge.stage import Stage
@@ -668,15 +669,13 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 print(f"{out_dir}: already trained to step {step}; nothing to do")
             return summary
 
+    # the head applied inside the loss, chunk by chunk (model/loss.py); a wrapped head (LoRA) is called
+    fused_head = type(raw_model.lm_head) is torch.nn.Linear
     teacher = None
     if cfg.teacher_order:
-        if dataset is None or not own_batches:  # (on CUDA any source is wrapped in a Prefetcher)
-            raise ConfigError("train.teacher_order: an n-gram teacher needs a token dataset and the built-in batches")
-        per_micro = getattr(batcher, "batch_size", cfg.batch_size) * block_size * model_cfg.vocab_size * 4
-        if per_micro > 2 << 30:  # the targets are (positions, vocab) floats, twice over in the backward
-            raise ConfigError(f"train.teacher_order: the teacher's targets would take {per_micro / 2**30:.1f} GiB "
-                              f"per micro-batch (batch {cfg.batch_size} x {block_size} tokens x {model_cfg.vocab_size}"
-                              f" vocab); lower train.batch_size and raise train.grad_accum")
+        if dataset is None or not own_batches or not fused_head:  # (on CUDA any source is wrapped in a Prefetcher)
+            raise ConfigError("train.teacher_order: an n-gram teacher needs a token dataset, the built-in batches "
+                              "and a plain head")
         teacher = NgramTeacher.count(dataset, cfg.train_split, cfg.teacher_order, cfg.teacher_tokens).to(device)
         budget.spent_before += teacher.seconds  # the counting is part of what the run spends
         if dist.is_main:
@@ -747,15 +746,16 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == cfg.grad_accum - 1 or not dist.enabled
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-                    if teacher_w:  # the logged loss stays the cross-entropy against the data
-                        logits, _ = model(x, all_logits=True)
-                        objective, loss = distill_loss(logits, teacher.probs(x), y, teacher_w)
+                    if fused_head:  # the head and the loss chunk by chunk; the logged loss is the data's
+                        h, _ = model(x, hidden=True)
+                        objective, loss = head_loss(h, raw_model.lm_head.weight, y, teacher=teacher, idx=x,
+                                                    share=teacher_w, z_loss=cfg.z_loss)
                         objective, loss = objective / cfg.grad_accum, loss / cfg.grad_accum
                     else:
                         logits, loss = model(x, y)
                         objective = loss = loss / cfg.grad_accum
-                    if cfg.z_loss:
-                        objective = objective + cfg.z_loss / cfg.grad_accum * z_loss(logits, y)
+                        if cfg.z_loss:
+                            objective = objective + cfg.z_loss / cfg.grad_accum * z_loss(logits, y)
                 scaler.scale(objective).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)

@@ -1,0 +1,80 @@
+"""The loss with the head inside it (model/loss.py) against the same written out with whole logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmforge.model.data import IGNORE_INDEX
+from llmforge.model.gpt import GPT, GPTConfig
+from llmforge.model.loss import head_loss
+from llmforge.model.teacher import NgramTeacher
+
+
+def tokens(vocab: int, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    phrases = [rng.integers(0, vocab, size=4) for _ in range(5)]
+    out = [t for _ in range(n) for t in phrases[rng.integers(0, 5)]]
+    return np.asarray(out[:n], dtype=np.int64)
+
+
+@pytest.mark.parametrize("rows", [5, 10, 64])  # a chunk of one sequence, of two, and the whole batch
+@pytest.mark.parametrize("share,z_coef,ignored", [(0.3, 0.0, False), (1.0, 1e-2, False), (0.0, 0.0, True),
+                                                  (0.5, 1e-2, True)])
+def test_the_head_loss_is_the_cross_entropy_against_the_mixed_target_with_its_gradient(rows, share, z_coef,
+                                                                                       ignored) -> None:
+    torch.manual_seed(0)
+    vocab, (B, T, D) = 9, (3, 5, 4)
+    teacher = NgramTeacher.from_tokens(tokens(vocab, 600, 0).astype(np.uint16), vocab, 3)
+    seq = torch.from_numpy(tokens(vocab, B * T + 1, 1))
+    x, targets = seq[:-1].view(B, T), seq[1:].view(B, T).clone()
+    if ignored:  # a prompt's targets, as fine-tuning has them, and one whole sequence without any
+        targets[0, :3] = targets[2] = IGNORE_INDEX
+    hidden = torch.randn(B, T, D, requires_grad=True)
+    head = torch.randn(vocab, D, requires_grad=True)
+    objective, plain = head_loss(hidden, head, targets, teacher=teacher, idx=x, share=share, z_loss=z_coef, rows=rows)
+    objective.backward()
+
+    # the same written out: the whole batch's logits, the mixed target over the scored rows, autograd
+    h_ref, w_ref = hidden.detach().clone().requires_grad_(), head.detach().clone().requires_grad_()
+    keep = targets.reshape(-1) != IGNORE_INDEX
+    logits = (h_ref @ w_ref.t()).reshape(B * T, vocab)[keep]
+    mixed = share * teacher.probs(x).reshape(B * T, vocab)[keep] \
+        + (1 - share) * torch.nn.functional.one_hot(targets.reshape(-1)[keep], vocab).float()
+    want = torch.nn.functional.cross_entropy(logits, mixed) + z_coef * logits.logsumexp(1).square().mean()
+    want.backward()
+    torch.testing.assert_close(objective, want)
+    torch.testing.assert_close(hidden.grad, h_ref.grad)
+    torch.testing.assert_close(head.grad, w_ref.grad)
+    torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(logits.detach(), targets.reshape(-1)[keep]))
+    assert not plain.requires_grad
+
+
+def test_the_model_trains_the_same_through_the_head_loss_as_through_its_logits() -> None:
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, tie_embeddings=True)
+    model = GPT(cfg)
+    x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    y[1, :5] = IGNORE_INDEX
+    _, want = model(x, y)
+    want.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    hidden, _ = model(x, hidden=True)
+    objective, plain = head_loss(hidden, model.lm_head.weight, y, rows=16)
+    objective.backward()
+    torch.testing.assert_close(objective, want)
+    torch.testing.assert_close(plain, want.detach())
+    for name, p in model.named_parameters():  # the tied head's gradient arrives through both its uses
+        torch.testing.assert_close(p.grad, grads[name], msg=name)
+
+
+def test_a_frozen_head_gets_no_gradient_and_a_share_needs_a_teacher() -> None:
+    hidden = torch.randn(2, 4, 3, requires_grad=True)
+    head = torch.randn(7, 3)
+    objective, _ = head_loss(hidden, head, torch.randint(0, 7, (2, 4)), rows=4)
+    objective.backward()
+    assert hidden.grad is not None and head.grad is None
+    with pytest.raises(ValueError, match="teacher share needs the teacher"):
+        head_loss(hidden, head, torch.randint(0, 7, (2, 4)), share=0.5)
