@@ -10,13 +10,7 @@ from llmforge.model.data import IGNORE_INDEX
 from llmforge.model.gpt import GPT, GPTConfig
 from llmforge.model.loss import head_loss
 from llmforge.model.teacher import NgramTeacher
-
-
-def tokens(vocab: int, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    phrases = [rng.integers(0, vocab, size=4) for _ in range(5)]
-    out = [t for _ in range(n) for t in phrases[rng.integers(0, 5)]]
-    return np.asarray(out[:n], dtype=np.int64)
+from test_teacher import corpus
 
 
 @pytest.mark.parametrize("rows", [5, 10, 64])  # a chunk of one sequence, of two, and the whole batch
@@ -26,8 +20,8 @@ def test_the_head_loss_is_the_cross_entropy_against_the_mixed_target_with_its_gr
                                                                                        ignored) -> None:
     torch.manual_seed(0)
     vocab, (B, T, D) = 9, (3, 5, 4)
-    teacher = NgramTeacher.from_tokens(tokens(vocab, 600, 0).astype(np.uint16), vocab, 3)
-    seq = torch.from_numpy(tokens(vocab, B * T + 1, 1))
+    teacher = NgramTeacher.from_tokens(corpus(vocab), vocab, 3)
+    seq = torch.from_numpy(corpus(vocab, B * T + 1, seed=1).astype(np.int64))
     x, targets = seq[:-1].view(B, T), seq[1:].view(B, T).clone()
     if ignored:  # a prompt's targets, as fine-tuning has them, and one whole sequence without any
         targets[0, :3] = targets[2] = IGNORE_INDEX
