@@ -4,8 +4,9 @@ choice, samples.
 :func:`score_split` is the only code that scores held-out text: training-time validation calls it
 with ``train.eval_tokens`` and ``llmforge evaluate --max-tokens`` calls it the same way, so one
 checkpoint, split and token budget give one number everywhere. It runs under
-``torch.inference_mode`` and takes the summed NLL straight from the model's own cross-entropy
-(``reduction="sum"``), never a second pass over the logits.
+``torch.inference_mode`` and takes the NLL from the model's hidden states through its head a few
+hundred positions at a time (``model/loss.py``'s ``token_nll``): each chunk's logits stay in cache
+and give their log-sum-exp and their targets' logits, and the batch's logits never exist whole.
 
 **Which tokens count.** A split is scored as one stream: an EOS (standing in for "start of
 text", exactly as the EOS of the previous document does for every later document), then every
@@ -55,6 +56,7 @@ from llmforge.errors import ConfigError, DataError, NotFound
 from llmforge.model.checkpoint import find_checkpoint
 from llmforge.model.data import IGNORE_INDEX
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
+from llmforge.model.loss import token_nll
 from llmforge.model.runtime import DistInfo, all_reduce, autocast, resolve_dtype
 from llmforge.pipeline.fsutil import atomic_write_json, sha256_file
 from llmforge.pipeline.shards import Dataset
@@ -167,9 +169,7 @@ def score_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         n = (y != IGNORE_INDEX).sum()
-        with autocast(device, dtype):
-            _, nll = model(x, y, reduction="sum")
-        total[0] += nll.double()
+        total[0] += _nll(model, x, y, dtype).double().sum()
         total[1] += n
         if progress is not None:
             progress.update(int(n))
@@ -178,11 +178,17 @@ def score_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
     return float(total[0]), int(total[1])
 
 
+def _nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each target's NLL (float32, ``(B, T)``, 0 where not scored): the model's hidden states, then
+    its head (plain, LoRA-wrapped, under torch.compile or DDP) chunk by chunk."""
+    with autocast(x.device, dtype):
+        hidden, _ = model(x, hidden=True)
+        return token_nll(hidden, getattr(model, "module", model).lm_head, y)
+
+
 def _row_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per-row summed NLL (float64, on the CPU) of the scored targets."""
-    with autocast(x.device, dtype):
-        _, nll = model(x, y, reduction="none")
-    return nll.double().sum(1).cpu()
+    return _nll(model, x, y, dtype).double().sum(1).cpu()
 
 
 def window_batches(stream: _Stream, block_size: int, stride: int, batch_size: int, pad: int, *,

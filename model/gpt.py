@@ -378,12 +378,11 @@ class GPT(nn.Module):
                        self.config.head_dim, device=p.device, dtype=p.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_cache: KVCache | None = None, reduction: str = "mean",
-                hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                kv_cache: KVCache | None = None, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and (with ``targets``) the cross-entropy, ignoring target ``-100``.
 
-        - with targets: logits ``[B, T, V]`` and the loss in float32: the mean over scored
-          targets, their ``"sum"``, or per position (``"none"``, ``[B, T]``, 0 where ignored);
+        - with targets: logits ``[B, T, V]`` and the mean loss over scored targets, in float32
+          (the trainer and the scorer apply the head chunk by chunk instead: ``model/loss.py``);
         - no targets, no cache: logits of the last position only, ``[B, 1, V]``;
         - with ``hidden``: the head's input ``[B, T, n_embd]`` instead of logits, for a loss that
           applies the head itself (``model/loss.py``'s ``head_loss``);
@@ -407,8 +406,8 @@ class GPT(nn.Module):
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100, reduction=reduction)
-            return logits, loss.view(B, T) if reduction == "none" else loss
+                                   ignore_index=-100)
+            return logits, loss
         if kv_cache is not None:
             return self.lm_head(x), None
         return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed

@@ -1,4 +1,5 @@
-"""The loss with the head inside it (model/loss.py) against the same written out with whole logits."""
+"""The loss with the head inside it, and the scorer's NLL (model/loss.py), against the same written out with
+whole logits."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 
 from llmforge.model.data import IGNORE_INDEX
 from llmforge.model.gpt import GPT, GPTConfig
-from llmforge.model.loss import head_loss
+from llmforge.model.lora import LoRALinear
+from llmforge.model.loss import head_loss, token_nll
 from llmforge.model.teacher import NgramTeacher
 from test_teacher import corpus
 
@@ -72,3 +74,23 @@ def test_a_frozen_head_gets_no_gradient_and_a_share_needs_a_teacher() -> None:
     assert hidden.grad is not None and head.grad is None
     with pytest.raises(ValueError, match="teacher share needs the teacher"):
         head_loss(hidden, head, torch.randint(0, 7, (2, 4)), share=0.5)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 15, 64])  # chunks that do not divide the batch, and the whole batch
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_scorers_nll_is_each_targets_cross_entropy(rows, lora) -> None:
+    torch.manual_seed(0)
+    vocab, (B, T, D) = 11, (3, 5, 4)
+    head = torch.nn.Linear(D, vocab, bias=False)
+    if lora:  # a fine-tuned head: the module is called, not its weight
+        head = LoRALinear(head, r=2)
+        torch.nn.init.normal_(head.lora_B)  # a nonzero update, so the wrapper's own output counts
+    hidden, targets = torch.randn(B, T, D), torch.randint(0, vocab, (B, T))
+    targets[0, :3] = targets[2, 4] = IGNORE_INDEX
+    with torch.inference_mode():
+        got = token_nll(hidden, head, targets, rows=rows)
+        want = torch.nn.functional.cross_entropy(head(hidden).reshape(B * T, vocab), targets.reshape(-1),
+                                                 reduction="none").view(B, T)
+    assert got.shape == (B, T) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    assert (got[targets == IGNORE_INDEX] == 0).all() and (got[targets != IGNORE_INDEX] > 0).all()
