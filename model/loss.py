@@ -109,7 +109,7 @@ def token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]
     """The negative log-likelihood (float32, ``(B, T)``, 0 where the target is ``IGNORE_INDEX``) of
     ``targets`` under the logits ``head(hidden)``, computed ``rows`` positions at a time (default
     256 on a CPU, 4,096 elsewhere) so that the whole batch's logits never exist. ``head`` is the
-    model's head module, plain or wrapped (LoRA). For scoring: no gradient flows through it."""
+    model's head module, plain or wrapped (LoRA). For scoring, under ``torch.inference_mode``."""
     B, T = targets.shape
     h, y = hidden.reshape(B * T, -1), targets.reshape(-1)
     rows = rows or (256 if hidden.device.type == "cpu" else 4096)
