@@ -30,6 +30,12 @@ from llmforge.model.data import IGNORE_INDEX
 __all__ = ["head_loss", "token_nll"]
 
 
+def _default_rows(device: torch.device) -> int:
+    """Positions per chunk: 256 on a CPU (one chunk's logits, 8 MB for an 8k vocabulary, stay in
+    cache: measured fastest), 4,096 elsewhere."""
+    return 256 if device.type == "cpu" else 4096
+
+
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, head: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor,
@@ -100,7 +106,7 @@ def head_loss(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, *
     a CPU, where it measured fastest, 4,096 elsewhere)."""
     if share and (teacher is None or idx is None):
         raise ValueError("head_loss: a teacher share needs the teacher and the input tokens")
-    rows = rows or (256 if hidden.device.type == "cpu" else 4096)
+    rows = rows or _default_rows(hidden.device)
     return _HeadLoss.apply(hidden, head, idx, targets, teacher, float(share), float(z_loss), rows)
 
 
@@ -112,7 +118,7 @@ def token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]
     model's head module, plain or wrapped (LoRA). For scoring, under ``torch.inference_mode``."""
     B, T = targets.shape
     h, y = hidden.reshape(B * T, -1), targets.reshape(-1)
-    rows = rows or (256 if hidden.device.type == "cpu" else 4096)
+    rows = rows or _default_rows(hidden.device)
     nll = torch.empty(B * T, dtype=torch.float32, device=hidden.device)
     for s in range(0, B * T, rows):
         z = head(h[s:s + rows]).float()
