@@ -108,9 +108,11 @@ def run_driver(tmp_path: Path, data: Path, out: Path, kill_step: int, cfg: Train
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, data: Path) -> None:
-    # dropout > 0 so that the restored RNG state matters, eval + checkpoints mid-run
-    cfg = small_cfg(model={**SMALL, "dropout": 0.1}, max_steps=20, ckpt_every=4, eval_every=5)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, data: Path, optimizer: str) -> None:
+    # dropout > 0 so that the restored RNG state matters, eval + checkpoints mid-run; Muon (the CPU
+    # recipe's optimizer for the block matrices) restores its momentum as AdamW its moments
+    cfg = small_cfg(model={**SMALL, "dropout": 0.1}, max_steps=20, ckpt_every=4, eval_every=5, optimizer=optimizer)
     straight = run_driver(tmp_path, data, tmp_path / "straight", -1, cfg)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
