@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmforge.errors import ConfigError
+
 DEFAULT_TARGETS = ("attn", "mlp")
 
 
@@ -62,6 +64,16 @@ class LoRALinear(nn.Module):
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
         return self.base(x) + update
 
+    def product(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x', W')`` with ``x' @ W'.T == self(x)`` (the same dropout draw): ``x'`` is ``x`` with the
+        scaled adapter input ``(alpha / r) dropout(x) A^T`` appended (``r`` more columns) and ``W'`` is
+        ``W`` with ``B`` appended. A loss that applies the head matrix itself, chunk by chunk
+        (``model/loss.py``'s ``head_loss``), so takes a LoRA head as it takes a plain one, and the
+        gradients reach ``A`` through ``x'`` and ``B`` through ``W'``. The base layer's bias, if it has
+        one, is not in the product (an LM head has none)."""
+        adapter_in = F.linear(self.dropout(x), self.lora_A) * self.scaling
+        return torch.cat([x, adapter_in.to(x.dtype)], -1), torch.cat([self.base.weight, self.lora_B], 1)
+
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight is ``W + (alpha / r) B A`` (same device and dtype)."""
         b = self.base
@@ -101,6 +113,15 @@ def apply_lora(
     if not chosen:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"LoRA targets {targets} match no nn.Linear layer; the model has {linears[:8]}...")
+    names: dict[int, list[str]] = {}  # a weight shared by several modules (a tied head) has several names
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for name in chosen:
+        tied = [n for n in names[id(model.get_submodule(name).weight)] if n != f"{name}.weight"]
+        if tied:
+            raise ConfigError(f"LoRA target {name}: its weight is tied to {tied[0]}, and merging an adapter into it "
+                              f"would change that too; leave {name} out of the targets (or adapt a model with an "
+                              "untied head)")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:

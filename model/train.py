@@ -41,10 +41,11 @@ from llmforge.model.checkpoint import (
     restore_rng_state,
     tokenizer_bytes,
 )
-from llmforge.model.data import IGNORE_INDEX, BatchSource, Prefetcher, ShardBatcher
+from llmforge.model.data import BatchSource, Prefetcher, ShardBatcher
 from llmforge.model.evaluate import SplitScorer
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, preset_path, resolve_model
+from llmforge.model.lora import LoRALinear
 from llmforge.model.loss import head_loss
 from llmforge.model.runtime import DistInfo, all_reduce, autocast, peak_flops, resolve_device, resolve_dtype
 from llmforge.model.teacher import NgramTeacher
@@ -518,14 +519,6 @@ class Progress:
                 + (f", ETA {_clock(eta)}" if math.isfinite(eta) and pct < 100 else ""))
 
 
-def z_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """PaLM's auxiliary loss: the mean squared log of the softmax normaliser over the positions
-    that have a target, which keeps the logits from drifting to large values."""
-    keep = (targets != IGNORE_INDEX).to(torch.float32)  # a mask, not an index: no copy of the logits
-    lse = logits.float().logsumexp(-1)
-    return (lse.square() * keep).sum() / keep.sum().clamp(min=1)
-
-
 def train(
     recipe: TrainRecipe,
     data_dir: str | os.PathLike | None,
@@ -669,13 +662,17 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 print(f"{out_dir}: already trained to step {step}; nothing to do")
             return summary
 
-    # the head applied inside the loss, chunk by chunk (model/loss.py); a wrapped head (LoRA) is called
-    fused_head = type(raw_model.lm_head) is torch.nn.Linear
+    # the head is applied inside the loss, chunk by chunk (model/loss.py): a plain head by its weight, a
+    # LoRA head by its product's operands (the hidden states with the adapter's input appended, W with B)
+    head = raw_model.lm_head
+    base_head = head.base if isinstance(head, LoRALinear) else head
+    if type(base_head) is not torch.nn.Linear or base_head.bias is not None:
+        raise ConfigError(f"the LM head is a {type(head).__name__}: training takes an nn.Linear without a bias, "
+                          "or a LoRA adapter on one")
     teacher = None
     if cfg.teacher_order:
-        if dataset is None or not own_batches or not fused_head:  # (on CUDA any source is wrapped in a Prefetcher)
-            raise ConfigError("train.teacher_order: an n-gram teacher needs a token dataset, the built-in batches "
-                              "and a plain head")
+        if dataset is None or not own_batches:  # (on CUDA any source is wrapped in a Prefetcher)
+            raise ConfigError("train.teacher_order: an n-gram teacher needs a token dataset and the built-in batches")
         teacher = NgramTeacher.count(dataset, cfg.train_split, cfg.teacher_order, cfg.teacher_tokens).to(device)
         budget.spent_before += teacher.seconds  # the counting is part of what the run spends
         if dist.is_main:
@@ -746,16 +743,10 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == cfg.grad_accum - 1 or not dist.enabled
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-                    if fused_head:  # the head and the loss chunk by chunk; the logged loss is the data's
-                        h, _ = model(x, hidden=True)
-                        objective, loss = head_loss(h, raw_model.lm_head.weight, y, teacher=teacher, idx=x,
-                                                    share=teacher_w, z_loss=cfg.z_loss)
-                        objective, loss = objective / cfg.grad_accum, loss / cfg.grad_accum
-                    else:
-                        logits, loss = model(x, y)
-                        objective = loss = loss / cfg.grad_accum
-                        if cfg.z_loss:
-                            objective = objective + cfg.z_loss / cfg.grad_accum * z_loss(logits, y)
+                    h, _ = model(x, hidden=True)  # the head and the loss chunk by chunk; the logged loss is the data's
+                    h, w = head.product(h) if isinstance(head, LoRALinear) else (h, head.weight)
+                    objective, loss = head_loss(h, w, y, teacher=teacher, idx=x, share=teacher_w, z_loss=cfg.z_loss)
+                    objective, loss = objective / cfg.grad_accum, loss / cfg.grad_accum
                 scaler.scale(objective).backward()
                 loss_sum += loss.detach()
             scaler.unscale_(optimizer)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmforge.errors import ConfigError
 from llmforge.model import sft
 from llmforge.model.checkpoint import load_checkpoint
 from llmforge.model.finetune import FinetuneConfig, FinetuneStage
@@ -43,14 +44,15 @@ def pretrained(tmp_path_factory, tok) -> dict:
     return fit(GPT(tiny_config(tok.vocab_size, block_size=32)), ds, steps=80).state_dict()
 
 
-def base_checkpoint(tmp_path: Path, tok, *, block_size: int = 32, state: dict | None = None) -> tuple[Path, str]:
+def base_checkpoint(tmp_path: Path, tok, *, block_size: int = 32, state: dict | None = None,
+                    tie: bool = True) -> tuple[Path, str]:
     """A base model with an MLflow run of its own, like `llmforge train` leaves behind."""
     from llmforge import tracking
 
     with tracking.stage_run("train-base", stage="train") as r:
         run_id = r.run_id
     torch.manual_seed(0)
-    model = GPT(tiny_config(tok.vocab_size, block_size=block_size))
+    model = GPT(tiny_config(tok.vocab_size, block_size=block_size).model_copy(update={"tie_embeddings": tie}))
     if state is not None:
         model.load_state_dict(state)
     return save_model(tmp_path / "base.pt", model, tok, run_id=run_id), run_id
@@ -204,6 +206,34 @@ def test_lora_finetune_trains_adapters_and_saves_a_merged_plain_checkpoint(tmp_p
     B = adapter["lora"]["transformer.h.0.attn.c_attn.lora_B"]
     torch.testing.assert_close(merged["transformer.h.0.attn.c_attn.weight"],
                                base_sd["transformer.h.0.attn.c_attn.weight"] + 2.0 * B @ A, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_on_an_untied_head_trains_through_the_chunked_loss_and_merges_into_it(tmp_path, mlruns, tok,
+                                                                                   pretrained):
+    # the head's adapter is trained through model/loss.py's head_loss (its product's operands), with
+    # the adapters' dropout on; the merged head is the base head plus (alpha / r) * B @ A
+    base, _ = base_checkpoint(tmp_path, tok, state=pretrained, tie=False)
+    out = tmp_path / "lora-head"
+    finetune(base, sft_file=SFT_FILE, out_dir=out,
+             cfg=quick("lora", steps=40, lora_r=4, lora_alpha=8, lr=1e-2, lora_dropout=0.1,
+                       lora_targets=["attn", "mlp", "lm_head"]))
+    before, after = response_loss_of(base, tok), response_loss_of(out / "model.pt", tok)
+    assert after < 0.6 * before, (before, after)
+    merged = load_checkpoint(out / "model.pt")["model_state"]
+    base_sd = load_checkpoint(base)["model_state"]
+    adapter = torch.load(out / "lora_adapter.pt", weights_only=True)["lora"]
+    assert adapter["lm_head.lora_B"].abs().max() > 0  # the head's adapter learned
+    torch.testing.assert_close(merged["lm_head.weight"],
+                               base_sd["lm_head.weight"] + 2.0 * adapter["lm_head.lora_B"] @ adapter["lm_head.lora_A"],
+                               rtol=1e-5, atol=1e-6)
+    assert torch.equal(merged["transformer.wte.weight"], base_sd["transformer.wte.weight"])
+
+
+def test_lora_refuses_a_tied_head(tmp_path, mlruns, tok, pretrained):
+    base, _ = base_checkpoint(tmp_path, tok, state=pretrained)  # tied: the head is the token embedding
+    with pytest.raises(ConfigError, match="LoRA target lm_head: its weight is tied to transformer.wte.weight"):
+        finetune(base, sft_file=SFT_FILE, out_dir=tmp_path / "tied",
+                 cfg=quick("lora", steps=4, lora_targets=["attn", "lm_head"]))
 
 
 def test_text_finetune_trains_on_shards_made_with_the_base_tokenizer(tmp_path, mlruns, tok):

@@ -66,6 +66,38 @@ def test_the_model_trains_the_same_through_the_head_loss_as_through_its_logits()
         torch.testing.assert_close(p.grad, grads[name], msg=name)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_lora_head_through_its_product_is_the_wrapped_heads_loss_with_its_gradients(dropout) -> None:
+    torch.manual_seed(0)
+    vocab, (B, T, D) = 9, (2, 5, 4)
+    teacher = NgramTeacher.from_tokens(corpus(vocab), vocab, 3)
+    seq = torch.from_numpy(corpus(vocab, B * T + 1, seed=2).astype(np.int64))
+    x, targets = seq[:-1].view(B, T), seq[1:].view(B, T).clone()
+    targets[1, :2] = IGNORE_INDEX
+    head = LoRALinear(torch.nn.Linear(D, vocab, bias=False), r=3, alpha=6.0, dropout=dropout)
+    torch.nn.init.normal_(head.lora_B)  # a nonzero update: the adapter's own output counts
+    hidden = torch.randn(B, T, D, requires_grad=True)
+    torch.manual_seed(1)  # the same dropout draw on both sides
+    h, w = head.product(hidden)
+    objective, plain = head_loss(h, w, targets, teacher=teacher, idx=x, share=0.4, z_loss=1e-2, rows=5)
+    objective.backward()
+    got = {"hidden": hidden.grad, "A": head.lora_A.grad, "B": head.lora_B.grad}
+    assert head.base.weight.grad is None  # the base stays frozen
+
+    hidden.grad = head.lora_A.grad = head.lora_B.grad = None
+    torch.manual_seed(1)
+    keep = targets.reshape(-1) != IGNORE_INDEX
+    logits = head(hidden).reshape(B * T, vocab)[keep]  # the wrapper's own forward, whole logits
+    mixed = 0.4 * teacher.probs(x).reshape(B * T, vocab)[keep] \
+        + 0.6 * torch.nn.functional.one_hot(targets.reshape(-1)[keep], vocab).float()
+    want = torch.nn.functional.cross_entropy(logits, mixed) + 1e-2 * logits.logsumexp(1).square().mean()
+    want.backward()
+    torch.testing.assert_close(objective, want)
+    torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(logits.detach(), targets.reshape(-1)[keep]))
+    for name, grad in {"hidden": hidden.grad, "A": head.lora_A.grad, "B": head.lora_B.grad}.items():
+        torch.testing.assert_close(got[name], grad, msg=name)
+
+
 def test_a_frozen_head_gets_no_gradient_and_a_share_needs_a_teacher() -> None:
     hidden = torch.randn(2, 4, 3, requires_grad=True)
     head = torch.randn(7, 3)
