@@ -669,6 +669,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
     if type(base_head) is not torch.nn.Linear or base_head.bias is not None:
         raise ConfigError(f"the LM head is a {type(head).__name__}: training takes an nn.Linear without a bias, "
                           "or a LoRA adapter on one")
+    head_operands = head.product if isinstance(head, LoRALinear) else (lambda hidden: (hidden, head.weight))
     teacher = None
     if cfg.teacher_order:
         if dataset is None or not own_batches:  # (on CUDA any source is wrapped in a Prefetcher)
@@ -744,7 +745,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 sync = micro == cfg.grad_accum - 1 or not dist.enabled
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
                     h, _ = model(x, hidden=True)  # the head and the loss chunk by chunk; the logged loss is the data's
-                    h, w = head.product(h) if isinstance(head, LoRALinear) else (h, head.weight)
+                    h, w = head_operands(h)
                     objective, loss = head_loss(h, w, y, teacher=teacher, idx=x, share=teacher_w, z_loss=cfg.z_loss)
                     objective, loss = objective / cfg.grad_accum, loss / cfg.grad_accum
                 scaler.scale(objective).backward()
