@@ -635,8 +635,12 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
 
     # --- wrappers: compile, DDP ------------------------------------------------------------------
     raw_model = eval_model = model
+    compile_s = None
     if cfg.compile or (cfg.compile is None and device.type == "cuda"):
-        model = eval_model = torch.compile(model)
+        model, compile_s = _compiled(model, getattr(batcher, "batch_size", cfg.batch_size),
+                                     getattr(batcher, "block_size", block_size), device, dtype)
+        if device.type == "cuda":  # off CUDA a second compilation, for scoring, costs more than it saves
+            eval_model = model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -834,7 +838,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             "budget_spent_s": budget.elapsed(), "budget_done": status == "completed", "final_lr": cfg.lr * factor,
             "train_loss": last_loss,
             "val_loss": val_loss, "best_val_loss": best_val, "grad_norm": last_norm, "tokens_per_s": tok_s,
-            "mfu": mfu, "bad_steps": bad_steps, "tokens_per_step": tokens_per_step,
+            "mfu": mfu, "bad_steps": bad_steps, "tokens_per_step": tokens_per_step, "compile_s": compile_s,
             "out_dir": str(out_dir.resolve()),
             "checkpoint": str(ckpt_path) if ckpt_path else None,
             "best_checkpoint": str(manager.best()) if manager is not None and manager.best() else None,
@@ -860,6 +864,35 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                   + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
                   + f"; checkpoints in {out_dir}", flush=True)
     return summary
+
+
+def _compiled(model: GPT, batch_size: int, block_size: int, device: torch.device,
+              dtype: torch.dtype | None) -> tuple[torch.nn.Module, float | None]:
+    """``torch.compile(model)``, compiled before the budget's clock starts: one forward and backward
+    on a batch of zeros of the training shape, its gradients dropped and the random state put back,
+    so the weights, the optimizer, the data and the RNG are as they were (modded-nanogpt times its
+    records the same way). Compilation is start-up, like loading the data: on a CPU it takes 20-30 s,
+    which a ten-minute budget would otherwise lose. Where compiling fails (no C++ compiler for
+    inductor on a CPU, an unsupported backend), one line says so and the run trains eagerly.
+    Returns the model to train and the seconds compiling took (None: not compiled)."""
+    t0 = time.perf_counter()
+    compiled = torch.compile(model)
+    rng = capture_rng_state()
+    x = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
+    try:
+        with autocast(device, dtype):
+            h, _ = compiled(x, hidden=True)
+        h.float().square().mean().backward()
+    except Exception as e:  # noqa: BLE001 - any failure to compile leaves the eager model, which works
+        print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+              "training without it", flush=True)
+        return model, None
+    finally:
+        model.zero_grad(set_to_none=True)
+        restore_rng_state(rng)
+    seconds = time.perf_counter() - t0
+    print(f"torch.compile: {seconds:.1f} s (start-up: not in the budget)", flush=True)
+    return compiled, seconds
 
 
 def _samples(model: GPT, tokenizer: bytes | None, cfg: TrainConfig, device: torch.device) -> str:
