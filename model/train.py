@@ -638,7 +638,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
     compile_s = None
     if cfg.compile or (cfg.compile is None and device.type == "cuda"):
         model, compile_s = _compiled(model, getattr(batcher, "batch_size", cfg.batch_size),
-                                     getattr(batcher, "block_size", block_size), device, dtype)
+                                     getattr(batcher, "block_size", block_size), device, dtype, say=dist.is_main)
         if device.type == "cuda":  # off CUDA a second compilation, for scoring, costs more than it saves
             eval_model = model
     if dist.enabled:
@@ -866,8 +866,8 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
     return summary
 
 
-def _compiled(model: GPT, batch_size: int, block_size: int, device: torch.device,
-              dtype: torch.dtype | None) -> tuple[torch.nn.Module, float | None]:
+def _compiled(model: GPT, batch_size: int, block_size: int, device: torch.device, dtype: torch.dtype | None, *,
+              say: bool = True) -> tuple[torch.nn.Module, float | None]:
     """``torch.compile(model)``, compiled before the budget's clock starts: one forward and backward
     on a batch of zeros of the training shape, its gradients dropped and the random state put back,
     so the weights, the optimizer, the data and the RNG are as they were (modded-nanogpt times its
@@ -882,16 +882,20 @@ def _compiled(model: GPT, batch_size: int, block_size: int, device: torch.device
     try:
         with autocast(device, dtype):
             h, _ = compiled(x, hidden=True)
-        h.float().square().mean().backward()
+        if h.requires_grad:  # (not when only the head trains)
+            h.float().square().mean().backward()
     except Exception as e:  # noqa: BLE001 - any failure to compile leaves the eager model, which works
-        print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-              "training without it", flush=True)
+        if say:
+            why = (str(e).strip().splitlines() or [""])[0]
+            print(f"torch.compile failed ({type(e).__name__}{': ' + why if why else ''}); training without it",
+                  flush=True)
         return model, None
     finally:
         model.zero_grad(set_to_none=True)
         restore_rng_state(rng)
     seconds = time.perf_counter() - t0
-    print(f"torch.compile: {seconds:.1f} s (start-up: not in the budget)", flush=True)
+    if say:
+        print(f"torch.compile: {seconds:.1f} s (start-up: not in the budget)", flush=True)
     return compiled, seconds
 
 

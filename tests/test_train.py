@@ -376,6 +376,48 @@ def test_compile_steps_do_not_end_a_time_budget_early() -> None:
     assert budget.is_last(5)  # and one that would not finish in time is
 
 
+def test_compiling_leaves_the_weights_gradients_and_random_state_as_they_were() -> None:
+    from llmforge.model.gpt import GPT, GPTConfig
+    from llmforge.model.train import _compiled
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    compiled, seconds = _compiled(model, 3, 16, torch.device("cpu"), torch.float32)
+    assert seconds is not None and seconds > 0 and compiled is not model
+    assert torch.equal(torch.get_rng_state(), rng)  # the warm-up's dropout draws are put back
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    x = torch.randint(0, 96, (3, 16))
+    with torch.no_grad():
+        assert torch.allclose(compiled(x, hidden=True)[0], model(x, hidden=True)[0], atol=1e-5)
+
+
+def test_a_compiled_run_compiles_before_its_budget_starts(tmp_path: Path, data: Path) -> None:
+    s = train(small_cfg(time="3s", compile=True, sample_prompts=[], log_every=5), data, tmp_path / "run")
+    assert s["status"] == "completed" and s["compile_s"] > 0
+    assert s["budget_spent_s"] < 3 + 1  # compiling is start-up: the budget's clock starts after it
+    assert s["elapsed_s"] > s["compile_s"] + 0.8 * 3
+    assert s["step"] > 5  # the budget went on steps (a compile inside it would leave a handful)
+
+
+@pytest.mark.slow
+def test_a_compile_that_fails_trains_eagerly_after_one_line(tmp_path: Path, data: Path) -> None:
+    # inductor on a CPU needs a C++ compiler: without one (and no cached kernels) the run goes on eagerly
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CXX": str(tmp_path / "no-such-g++"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    cmd = [sys.executable, "-m", "llmforge", "train", "--data", str(data), "--out", str(tmp_path / "run"),
+           "--max-steps", "4", "--compile", *TIME_ARGS]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    failed = [line for line in done.stdout.splitlines() if line.startswith("torch.compile failed")]
+    assert len(failed) == 1 and "no-such-g++" in failed[0] and failed[0].endswith("training without it"), done.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 4 and summary["compile_s"] is None
+
+
 def test_token_budget_is_an_exact_step_count(tmp_path: Path, data: Path) -> None:
     s = train(small_cfg(tokens=20 * 4 * 32 - 5, sample_prompts=[], log_every=5), data, tmp_path / "run")
     assert s["status"] == "completed" and s["step"] == 20 and s["max_steps"] == 20
