@@ -213,7 +213,7 @@ class Budget:
         self.t0 = time.perf_counter()
         self.frozen: float | None = None  # the clock stops after the last step (the final eval is not in it)
         self.step_time = None  # moving average of one step's wall time (time budgets)
-        self.unrecorded = 2  # this process' first steps, which compile and warm up, are not in the average
+        self.unrecorded = 2  # this process' first steps, which may (re)compile and warm up, are not in the average
         self.share = 0.0  # the budget share the last lr factor was computed at
 
     @property
@@ -266,8 +266,9 @@ class Budget:
 
     def record(self, seconds: float) -> None:
         """Fold a step's wall time into the average that decides the last step. The first two
-        steps of a process are left out: they carry torch.compile's compilation and its usual
-        recompile (20-30 s on a CPU), which would make a short budget stop after a few steps."""
+        steps of a process are left out: they can carry a compilation the warm-up before the clock
+        did not cover (a batch of another shape: 20-30 s on a CPU), which would make a short budget
+        stop after a few steps."""
         if self.unrecorded:
             self.unrecorded -= 1
             return
