@@ -21,13 +21,15 @@ log-sum-exp and its targets' logits, and are dropped.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import time
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 
 from llmforge.model.data import IGNORE_INDEX
 
-__all__ = ["head_loss", "token_nll"]
+__all__ = ["Sample", "Sampler", "head_loss", "token_nll"]
 
 
 def _default_rows(device: torch.device) -> int:
@@ -39,12 +41,16 @@ def _default_rows(device: torch.device) -> int:
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, head: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor,
-                teacher: Any, share: float, z_coef: float, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                teacher: Any, share: float, z_coef: float, rows: int,
+                sample: "Sample | None") -> tuple[torch.Tensor, torch.Tensor]:
         B, T = targets.shape
         h, y = hidden.reshape(B * T, -1), targets.reshape(-1)
         f32 = dict(dtype=torch.float32, device=h.device)
+        full = head
+        if sample is not None:  # the softmax over the sampled columns, their logits shifted by -log q
+            head, y = head[sample.ids], sample.slot[y.clamp(min=0)].masked_fill(y == IGNORE_INDEX, IGNORE_INDEX)
         grad_h = torch.empty_like(h)
-        grad_head = torch.zeros(head.shape, **f32) if head.requires_grad else None
+        grad_head = torch.zeros(head.shape, **f32) if full.requires_grad else None
         lse, z_data, z_teacher = (torch.zeros(B * T, **f32) for _ in range(3))
         keep = (y != IGNORE_INDEX).float()
         autocast = torch.is_autocast_enabled(h.device.type)
@@ -55,8 +61,13 @@ class _HeadLoss(torch.autograd.Function):
             z = (hc @ head.t()).float()  # the chunk's logits (under autocast in its precision, then fp32)
             z_data[s:e] = z.gather(1, yc.unsqueeze(1)).squeeze(1)
             if share:
-                tc = teacher.probs(idx[b:b + per]).view(e - s, -1)
+                if sample is None:
+                    tc = teacher.probs(idx[b:b + per]).view(e - s, -1)
+                else:  # the sampled columns, each standing for 1 / q of its kind
+                    tc = teacher.probs(idx[b:b + per], sample.ids, sample.slot).view(e - s, -1) * sample.inv_q
                 z_teacher[s:e] = torch.linalg.vecdot(tc, z)
+            if sample is not None:
+                z.sub_(sample.log_q)
             top = z.amax(1, keepdim=True)
             z.sub_(top).exp_()
             total = z.sum(1, keepdim=True)
@@ -75,6 +86,8 @@ class _HeadLoss(torch.autograd.Function):
                 grad_head += z.t() @ hc
             else:
                 grad_head.addmm_(z.t(), hc.float())
+        if sample is not None and grad_head is not None:  # the sampled rows' gradients into the whole head's
+            grad_head = torch.zeros(full.shape, **f32).index_copy_(0, sample.ids, grad_head)
         count = keep.sum()  # 0 when nothing is scored: NaN, as F.cross_entropy gives, and the step is skipped
         ctx.save_for_backward(grad_h, grad_head, count)
         ctx.shape, ctx.head_dtype = hidden.shape, head.dtype
@@ -91,23 +104,80 @@ class _HeadLoss(torch.autograd.Function):
         scale = grad / count
         return ((grad_h * scale.to(grad_h.dtype)).view(ctx.shape),
                 None if grad_head is None else (grad_head * scale).to(ctx.head_dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def head_loss(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, *, teacher: Any = None,
               idx: torch.Tensor | None = None, share: float = 0.0, z_loss: float = 0.0,
-              rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              rows: int | None = None, sample: "Sample | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits of ``hidden`` (B, T, D) through the head matrix ``head`` (V, D), chunk by chunk,
     and from them (the training objective: the mean cross-entropy against ``share * teacher +
     (1 - share) * one-hot(targets)`` plus ``z_loss * mean(logsumexp^2)``; the plain mean
     cross-entropy against ``targets``, not differentiable), both over the targets that are not
     ``IGNORE_INDEX``. ``teacher.probs(idx)`` gives the teacher's (B, T, V) distributions for the
     input tokens ``idx``. ``rows``: positions per chunk, rounded to whole sequences (default 256 on
-    a CPU, where it measured fastest, 4,096 elsewhere)."""
+    a CPU, where it measured fastest, 4,096 elsewhere). ``sample`` (:class:`Sampler`): the softmax
+    runs over those columns of the head only, each standing for ``1 / q`` of its kind (both values
+    are then estimates)."""
     if share and (teacher is None or idx is None):
         raise ValueError("head_loss: a teacher share needs the teacher and the input tokens")
     rows = rows or _default_rows(hidden.device)
-    return _HeadLoss.apply(hidden, head, idx, targets, teacher, float(share), float(z_loss), rows)
+    return _HeadLoss.apply(hidden, head, idx, targets, teacher, float(share), float(z_loss), rows, sample)
+
+
+class Sample(NamedTuple):
+    ids: torch.Tensor  # (C,) the sampled vocabulary ids, sorted
+    slot: torch.Tensor  # (V,) each id's column among them (C, one past the last, for the others)
+    log_q: torch.Tensor  # (C,) log of the chance that the id is in a step's sample
+    inv_q: torch.Tensor  # (C,) 1 / q
+
+
+class Sampler:
+    """A sampled softmax for the training head (Jean et al. 2015; the logQ correction of Yi et al.
+    2019): a step's softmax runs over the ``top`` most frequent tokens and every token that is a
+    target in the batch, not the whole vocabulary. On a CPU recipe's step (8,192 tokens, 4,096
+    targets) that is ~1,800 columns: the head's three matmuls and the softmax shrink 4-5x. A token
+    outside the ``top`` is in a batch of ``n`` targets with chance ``q = 1 - (1 - f)^n`` (``f``: its
+    frequency in ``counts``), so its logit is lowered by ``log q`` in the softmax, which then
+    estimates the whole vocabulary's normaliser. The estimate leans on rare tokens being spread
+    evenly; a run ends on the whole softmax (``train.sampled_softmax``), which calibrates them."""
+
+    def __init__(self, counts: torch.Tensor, top: int, n: int):
+        freq = counts.double().clamp(min=0.5) / counts.sum().clamp(min=1)
+        log_q = torch.log(-torch.expm1(n * torch.log1p(-freq))).float().clamp(max=0.0)
+        frequent = torch.topk(counts, min(top, len(counts))).indices if top else counts.new_zeros(0, dtype=torch.long)
+        log_q[frequent] = 0.0
+        self.log_q, self.frequent = log_q, frequent
+        self.vocab, self.seconds = len(counts), 0.0
+
+    @classmethod
+    def count(cls, dataset: Any, split: str, max_tokens: int, top: int, n: int) -> "Sampler":
+        """Count the first ``max_tokens`` tokens of ``split`` (shard by shard, in order)."""
+        t0 = time.perf_counter()
+        counts, seen = np.zeros(dataset.vocab_size, dtype=np.int64), 0
+        for shard in dataset.shards(split):
+            part = np.asarray(shard.tokens[: max_tokens - seen])
+            counts += np.bincount(part, minlength=dataset.vocab_size)[: dataset.vocab_size]
+            seen += len(part)
+            if seen >= max_tokens:
+                break
+        sampler = cls(torch.from_numpy(counts), top, n)
+        sampler.seconds = time.perf_counter() - t0
+        return sampler
+
+    def to(self, device: torch.device) -> "Sampler":
+        self.log_q, self.frequent = self.log_q.to(device), self.frequent.to(device)
+        return self
+
+    def __call__(self, targets: torch.Tensor) -> Sample:
+        seen = torch.zeros(self.vocab, dtype=torch.bool, device=targets.device)
+        seen[targets[targets != IGNORE_INDEX]] = True
+        seen[self.frequent] = True
+        ids = seen.nonzero().squeeze(1)
+        slot = torch.full((self.vocab,), len(ids), dtype=torch.long, device=targets.device)
+        slot[ids] = torch.arange(len(ids), device=targets.device)
+        log_q = self.log_q[ids]
+        return Sample(ids, slot, log_q, torch.exp(-log_q))
 
 
 def token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, *,

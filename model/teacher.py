@@ -70,10 +70,12 @@ def _count(tokens: np.ndarray, n: int, vocab: int) -> _Level:
                   torch.from_numpy(counts.astype(np.float32)), min(max(discount, 0.05), 0.95))
 
 
-def _apply(probs: torch.Tensor, level: _Level, ctx: torch.Tensor) -> None:
+def _apply(probs: torch.Tensor, level: _Level, ctx: torch.Tensor, slot: torch.Tensor | None = None) -> None:
     """Raise ``probs`` (N, V), the lower order's distributions, to this order for the contexts
     ``ctx`` (N,), in place: a seen context scales its row by its back-off weight and adds its
-    discounted counts; an unseen one (or -1: no context) leaves the row as it is."""
+    discounted counts; an unseen one (or -1: no context) leaves the row as it is. With ``slot``
+    (V,: each token's column in ``probs``), a subset of the vocabulary's columns (and a last one
+    that the tokens outside it are added to)."""
     j = torch.searchsorted(level.ctx, ctx).clamp_(max=len(level.ctx) - 1)
     seen = level.ctx[j] == ctx
     total, types = level.total[j], torch.where(seen, level.types[j], 0)
@@ -83,7 +85,8 @@ def _apply(probs: torch.Tensor, level: _Level, ctx: torch.Tensor) -> None:
     first = torch.cumsum(types, 0) - types
     entry = level.start[j][owner] + torch.arange(len(owner), device=ctx.device) - first[owner]
     add = (level.count[entry] - level.discount).clamp_(min=0) / total[owner]
-    probs.view(-1).index_add_(0, owner * probs.size(1) + level.nxt[entry], add)
+    col = level.nxt[entry] if slot is None else slot[level.nxt[entry]]
+    probs.view(-1).index_add_(0, owner * probs.size(1) + col, add)
 
 
 class NgramTeacher:
@@ -140,16 +143,27 @@ class NgramTeacher:
         return probs
 
     @torch.no_grad()
-    def probs(self, idx: torch.Tensor) -> torch.Tensor:
+    def probs(self, idx: torch.Tensor, ids: torch.Tensor | None = None,
+              slot: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's next-token distribution at every position of ``idx`` (B, T): (B, T, V).
-        A position sees the tokens of its own window only (the first sees one token)."""
+        A position sees the tokens of its own window only (the first sees one token). With ``ids``
+        (C,) and ``slot`` (V,: each id's column, C for the other tokens), only those columns:
+        (B, T, C)."""
         B, T = idx.shape
         flat = idx.reshape(-1)
-        probs = self.dense[flat] if self.dense is not None else self._bigram(flat)
+        if ids is None:
+            probs = self.dense[flat] if self.dense is not None else self._bigram(flat)
+        else:  # C columns and a last one that takes the other tokens' mass
+            probs = torch.zeros(len(flat), len(ids) + 1, device=idx.device)
+            if self.dense is not None:
+                probs[:, :-1] = self.dense.index_select(0, flat).index_select(1, ids)
+            else:
+                probs[:, :-1] = self.unigram[ids]
+                _apply(probs, self.levels[0], flat, slot)
         pos = torch.arange(B * T, device=idx.device)
         for n, level in enumerate(self.levels[1:], start=3):  # contexts of the n - 1 last tokens
             ctx = torch.zeros_like(flat)
             for k in range(n - 1):
                 ctx = ctx * self.vocab_size + flat[(pos - (n - 2) + k).clamp(min=0)]
-            _apply(probs, level, torch.where(pos % T >= n - 2, ctx, -1))  # -1: fewer tokens in the window
-        return probs.view(B, T, -1)
+            _apply(probs, level, torch.where(pos % T >= n - 2, ctx, -1), slot)  # -1: fewer tokens in the window
+        return (probs if ids is None else probs[:, :-1]).view(B, T, -1)

@@ -46,7 +46,7 @@ from llmforge.model.evaluate import SplitScorer
 from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samples, sample_texts
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, preset_path, resolve_model
 from llmforge.model.lora import LoRALinear
-from llmforge.model.loss import head_loss
+from llmforge.model.loss import Sampler, head_loss
 from llmforge.model.runtime import DistInfo, all_reduce, autocast, peak_flops, resolve_device, resolve_dtype
 from llmforge.model.teacher import NgramTeacher
 from llmforge.pipeline.fsutil import DirLock, atomic_write_json, atomic_write_text, read_json
@@ -95,6 +95,12 @@ class TrainConfig(Config):
     teacher_final: float = added_later(0.0, "the teacher's share of the loss from `teacher_until` of the budget on "
                                        "(1.0 with teacher_weight 1.0: the teacher throughout)", ge=0, le=1)
     teacher_tokens: Count = added_later(64_000_000, "tokens of the training split the teacher counts", gt=0)
+    sampled_softmax: float = added_later(0.0, "share of the budget during which the head's softmax runs over a "
+                                         "sample of the vocabulary (the batch's targets and the "
+                                         "`sampled_softmax_top` most frequent tokens; model/loss.py); 0 = off",
+                                         ge=0, le=1)
+    sampled_softmax_top: int = added_later(1024, "the most frequent tokens (counted over `teacher_tokens` of the "
+                                           "training split) always in the sampled softmax", ge=0)
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw, or muon for the hidden matrices + "
                                                 "adamw for the rest")
     eval_every: int = Field(250, ge=0, description="validation every N steps; 0 = only at the end")
@@ -250,6 +256,10 @@ class Budget:
             return 0.0
         reached = min(1.0, self.share / cfg.teacher_until)  # with teacher_final 0: bit for bit the weight before it
         return cfg.teacher_weight * (1.0 - reached) + cfg.teacher_final * reached
+
+    def sampled(self) -> bool:
+        """Whether the step whose lr was set last runs the sampled softmax."""
+        return self.share < self.cfg.sampled_softmax
 
     def next_step(self, step: int, dist: DistInfo, device: torch.device) -> tuple[bool, float]:
         """(is this the last step, its lr factor). Under DDP a time budget is read off rank 0's
@@ -684,6 +694,16 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
         if dist.is_main:
             print(f"n-gram teacher: order {teacher.order} over {teacher.tokens:,} tokens in {teacher.seconds:.1f} s "
                   f"(counted in the budget)", flush=True)
+    sampler = None
+    if cfg.sampled_softmax:
+        if dataset is None:
+            raise ConfigError("train.sampled_softmax: the sampled softmax counts its tokens in a token dataset")
+        sampler = Sampler.count(dataset, cfg.train_split, cfg.teacher_tokens, cfg.sampled_softmax_top,
+                                cfg.batch_size * block_size).to(device)
+        budget.spent_before += sampler.seconds
+        if dist.is_main:
+            print(f"sampled softmax for the first {cfg.sampled_softmax:.0%} of the budget: the batch's targets and "
+                  f"the {len(sampler.frequent):,} most frequent tokens (counted in {sampler.seconds:.1f} s)", flush=True)
 
     corpus = ((dataset.manifest.get("config") or {}).get("corpus") or {}).get("name") if dataset else None
     name = run_name or tracking.run_name(stage, corpus, recipe.label, cfg.budget)
@@ -743,6 +763,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
             for g, base_lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base_lr * factor
             teacher_w = budget.teacher_weight()  # 0 without a teacher
+            sampled = sampler is not None and budget.sampled()
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 x, y = batcher.get_batch(step, micro)
@@ -751,7 +772,8 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
                     h, _ = model(x, hidden=True)  # the head and the loss chunk by chunk; the logged loss is the data's
                     h, w = head_operands(h)
-                    objective, loss = head_loss(h, w, y, teacher=teacher, idx=x, share=teacher_w, z_loss=cfg.z_loss)
+                    objective, loss = head_loss(h, w, y, teacher=teacher, idx=x, share=teacher_w, z_loss=cfg.z_loss,
+                                                sample=sampler(y) if sampled else None)
                     objective, loss = objective / cfg.grad_accum, loss / cfg.grad_accum
                 scaler.scale(objective).backward()
                 loss_sum += loss.detach()

@@ -10,7 +10,7 @@ import torch
 from llmforge.model.data import IGNORE_INDEX
 from llmforge.model.gpt import GPT, GPTConfig
 from llmforge.model.lora import LoRALinear
-from llmforge.model.loss import head_loss, token_nll
+from llmforge.model.loss import Sampler, head_loss, token_nll
 from llmforge.model.teacher import NgramTeacher
 from test_teacher import corpus
 
@@ -45,6 +45,52 @@ def test_the_head_loss_is_the_cross_entropy_against_the_mixed_target_with_its_gr
     torch.testing.assert_close(head.grad, w_ref.grad)
     torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(logits.detach(), targets.reshape(-1)[keep]))
     assert not plain.requires_grad
+
+
+@pytest.mark.parametrize("rows", [5, 15])
+@pytest.mark.parametrize("share", [0.0, 0.4])
+@pytest.mark.parametrize("dense", [True, False])  # the teacher's bigram as one table, or counted per row
+def test_the_sampled_softmax_is_the_cross_entropy_over_the_sampled_columns_less_log_q(rows, share, dense) -> None:
+    torch.manual_seed(0)
+    vocab, (B, T, D) = 40, (3, 5, 4)
+    tokens = corpus(vocab, 5000)
+    teacher = NgramTeacher.from_tokens(tokens, vocab, 3, dense_limit=10**9 if dense else 0)
+    seq = torch.from_numpy(corpus(vocab, B * T + 1, seed=1).astype(np.int64))
+    x, targets = seq[:-1].view(B, T), seq[1:].view(B, T).clone()
+    targets[0, :2] = IGNORE_INDEX
+    counts = torch.from_numpy(np.bincount(tokens, minlength=vocab))
+    sample = Sampler(counts, 3, B * T)(targets)
+    keep = targets.reshape(-1) != IGNORE_INDEX
+    ids = sample.ids
+    # the batch's targets and the three most frequent tokens, and no other
+    assert set(ids.tolist()) == set(targets.reshape(-1)[keep].tolist()) | set(counts.topk(3).indices.tolist())
+    assert len(ids) < vocab and (sample.log_q <= 0).all() and (sample.log_q[torch.isin(ids, counts.topk(3).indices)] == 0).all()
+    # the teacher's sampled columns are its whole rows' columns
+    torch.testing.assert_close(teacher.probs(x, ids, sample.slot), teacher.probs(x)[..., ids])
+
+    hidden = torch.randn(B, T, D, requires_grad=True)
+    head = torch.randn(vocab, D, requires_grad=True)
+    objective, plain = head_loss(hidden, head, targets, teacher=teacher, idx=x, share=share, rows=rows,
+                                 sample=sample)
+    objective.backward()
+    h_ref, w_ref = hidden.detach().clone().requires_grad_(), head.detach().clone().requires_grad_()
+    z = (h_ref @ w_ref[ids].t()).reshape(B * T, -1)[keep]
+    lse = (z - sample.log_q).logsumexp(1)
+    t = teacher.probs(x).reshape(B * T, vocab)[keep][:, ids] * sample.inv_q
+    y = sample.slot[targets.reshape(-1)[keep]]
+    want = (lse - share * (t * z).sum(1) - (1 - share) * z.gather(1, y.unsqueeze(1)).squeeze(1)).mean()
+    want.backward()
+    torch.testing.assert_close(objective, want)
+    torch.testing.assert_close(plain, (lse - z.gather(1, y.unsqueeze(1)).squeeze(1)).mean().detach())
+    torch.testing.assert_close(hidden.grad, h_ref.grad)
+    torch.testing.assert_close(head.grad, w_ref.grad)  # zero on the rows not sampled
+    assert (head.grad[~torch.isin(torch.arange(vocab), ids)] == 0).all()
+
+    # a sample of the whole vocabulary is the whole softmax
+    whole = Sampler(counts, vocab, B * T)(targets)
+    a = head_loss(hidden, head, targets, teacher=teacher, idx=x, share=share, rows=rows, sample=whole)
+    b = head_loss(hidden, head, targets, teacher=teacher, idx=x, share=share, rows=rows)
+    torch.testing.assert_close(a, b)
 
 
 def test_the_model_trains_the_same_through_the_head_loss_as_through_its_logits() -> None:
