@@ -21,6 +21,7 @@ log-sum-exp and its targets' logits, and are dropped.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -63,8 +64,9 @@ class _HeadLoss(torch.autograd.Function):
             if share:
                 if sample is None:
                     tc = teacher.probs(idx[b:b + per]).view(e - s, -1)
-                else:  # the sampled columns, each standing for 1 / q of its kind
-                    tc = teacher.probs(idx[b:b + per], sample.ids, sample.slot).view(e - s, -1) * sample.inv_q
+                else:  # the sampled columns, renormalised
+                    tc = teacher.probs(idx[b:b + per], sample.ids, sample.slot).view(e - s, -1)
+                    tc.div_(tc.sum(1, keepdim=True))
                 z_teacher[s:e] = torch.linalg.vecdot(tc, z)
             if sample is not None:
                 z.sub_(sample.log_q)
@@ -128,8 +130,7 @@ def head_loss(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, *
 class Sample(NamedTuple):
     ids: torch.Tensor  # (C,) the sampled vocabulary ids, sorted
     slot: torch.Tensor  # (V,) each id's column among them (C, one past the last, for the others)
-    log_q: torch.Tensor  # (C,) log of the chance that the id is in a step's sample
-    inv_q: torch.Tensor  # (C,) 1 / q
+    log_q: torch.Tensor  # (C,) log of the chance that the id is in a step's sample, at least log(min_q)
 
 
 class Sampler:
@@ -142,16 +143,16 @@ class Sampler:
     estimates the whole vocabulary's normaliser. The estimate leans on rare tokens being spread
     evenly; a run ends on the whole softmax (``train.sampled_softmax``), which calibrates them."""
 
-    def __init__(self, counts: torch.Tensor, top: int, n: int):
+    def __init__(self, counts: torch.Tensor, top: int, n: int, min_q: float = 0.1):
         freq = counts.double().clamp(min=0.5) / counts.sum().clamp(min=1)
-        log_q = torch.log(-torch.expm1(n * torch.log1p(-freq))).float().clamp(max=0.0)
+        log_q = torch.log(-torch.expm1(n * torch.log1p(-freq))).float().clamp(min=math.log(min_q), max=0.0)
         frequent = torch.topk(counts, min(top, len(counts))).indices if top else counts.new_zeros(0, dtype=torch.long)
         log_q[frequent] = 0.0
         self.log_q, self.frequent = log_q, frequent
         self.vocab, self.seconds = len(counts), 0.0
 
     @classmethod
-    def count(cls, dataset: Any, split: str, max_tokens: int, top: int, n: int) -> "Sampler":
+    def count(cls, dataset: Any, split: str, max_tokens: int, top: int, n: int, min_q: float = 0.1) -> "Sampler":
         """Count the first ``max_tokens`` tokens of ``split`` (shard by shard, in order)."""
         t0 = time.perf_counter()
         counts, seen = np.zeros(dataset.vocab_size, dtype=np.int64), 0
@@ -161,7 +162,7 @@ class Sampler:
             seen += len(part)
             if seen >= max_tokens:
                 break
-        sampler = cls(torch.from_numpy(counts), top, n)
+        sampler = cls(torch.from_numpy(counts), top, n, min_q)
         sampler.seconds = time.perf_counter() - t0
         return sampler
 
@@ -176,8 +177,7 @@ class Sampler:
         ids = seen.nonzero().squeeze(1)
         slot = torch.full((self.vocab,), len(ids), dtype=torch.long, device=targets.device)
         slot[ids] = torch.arange(len(ids), device=targets.device)
-        log_q = self.log_q[ids]
-        return Sample(ids, slot, log_q, torch.exp(-log_q))
+        return Sample(ids, slot, self.log_q[ids])
 
 
 def token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, *,

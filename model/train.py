@@ -101,6 +101,8 @@ class TrainConfig(Config):
                                          ge=0, le=1)
     sampled_softmax_top: int = added_later(1024, "the most frequent tokens (counted over `teacher_tokens` of the "
                                            "training split) always in the sampled softmax", ge=0)
+    sampled_softmax_min_q: float = added_later(0.1, "the sampled softmax' logQ correction counts a token's chance "
+                                               "of being in a batch as at least this (1 = no correction)", gt=0, le=1)
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw, or muon for the hidden matrices + "
                                                 "adamw for the rest")
     eval_every: int = Field(250, ge=0, description="validation every N steps; 0 = only at the end")
@@ -699,7 +701,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
         if dataset is None:
             raise ConfigError("train.sampled_softmax: the sampled softmax counts its tokens in a token dataset")
         sampler = Sampler.count(dataset, cfg.train_split, cfg.teacher_tokens, cfg.sampled_softmax_top,
-                                cfg.batch_size * block_size).to(device)
+                                cfg.batch_size * block_size, cfg.sampled_softmax_min_q).to(device)
         budget.spent_before += sampler.seconds
         if dist.is_main:
             print(f"sampled softmax for the first {cfg.sampled_softmax:.0%} of the budget: the batch's targets and "

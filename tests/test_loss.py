@@ -59,12 +59,13 @@ def test_the_sampled_softmax_is_the_cross_entropy_over_the_sampled_columns_less_
     x, targets = seq[:-1].view(B, T), seq[1:].view(B, T).clone()
     targets[0, :2] = IGNORE_INDEX
     counts = torch.from_numpy(np.bincount(tokens, minlength=vocab))
-    sample = Sampler(counts, 3, B * T)(targets)
+    sample = Sampler(counts, 3, B * T, min_q=0.3)(targets)
     keep = targets.reshape(-1) != IGNORE_INDEX
     ids = sample.ids
     # the batch's targets and the three most frequent tokens, and no other
     assert set(ids.tolist()) == set(targets.reshape(-1)[keep].tolist()) | set(counts.topk(3).indices.tolist())
-    assert len(ids) < vocab and (sample.log_q <= 0).all() and (sample.log_q[torch.isin(ids, counts.topk(3).indices)] == 0).all()
+    assert len(ids) < vocab and (sample.log_q[torch.isin(ids, counts.topk(3).indices)] == 0).all()
+    assert (sample.log_q <= 0).all() and (sample.log_q >= np.log(0.3) - 1e-6).all() and (sample.log_q < 0).any()
     # the teacher's sampled columns are its whole rows' columns
     torch.testing.assert_close(teacher.probs(x, ids, sample.slot), teacher.probs(x)[..., ids])
 
@@ -76,7 +77,8 @@ def test_the_sampled_softmax_is_the_cross_entropy_over_the_sampled_columns_less_
     h_ref, w_ref = hidden.detach().clone().requires_grad_(), head.detach().clone().requires_grad_()
     z = (h_ref @ w_ref[ids].t()).reshape(B * T, -1)[keep]
     lse = (z - sample.log_q).logsumexp(1)
-    t = teacher.probs(x).reshape(B * T, vocab)[keep][:, ids] * sample.inv_q
+    t = teacher.probs(x).reshape(B * T, vocab)[keep][:, ids]
+    t = t / t.sum(1, keepdim=True)  # the teacher over the sampled columns
     y = sample.slot[targets.reshape(-1)[keep]]
     want = (lse - share * (t * z).sum(1) - (1 - share) * z.gather(1, y.unsqueeze(1)).squeeze(1)).mean()
     want.backward()
