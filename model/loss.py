@@ -11,9 +11,10 @@ chunk's gradient is formed while its logits are at hand, in the forward pass:
 
 for the mean cross-entropy against ``share * teacher + (1 - share) * one-hot`` (an n-gram
 teacher's distribution, ``model/teacher.py``; share 0 is the plain cross-entropy) plus PaLM's
-z-loss. The backward only scales the saved gradients of the hidden states and the head. On the
-CPU recipe's step (two cores) this takes the step from 137 to 106 ms with the teacher, and from
-152 to 111 ms without it (``bench/train_throughput.py`` measures the step).
+z-loss (with a :class:`Sampler`, over a sample of the vocabulary's columns only). The backward
+only scales the saved gradients of the hidden states and the head. On the CPU recipe's step (two
+cores) this takes the step from 137 to 106 ms with the teacher, and from 152 to 111 ms without
+it (``bench/train_throughput.py`` measures the step).
 
 :func:`token_nll` is the forward-only twin the held-out scorer uses: each chunk's logits give its
 log-sum-exp and its targets' logits, and are dropped.
@@ -118,9 +119,9 @@ def head_loss(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, *
     cross-entropy against ``targets``, not differentiable), both over the targets that are not
     ``IGNORE_INDEX``. ``teacher.probs(idx)`` gives the teacher's (B, T, V) distributions for the
     input tokens ``idx``. ``rows``: positions per chunk, rounded to whole sequences (default 256 on
-    a CPU, where it measured fastest, 4,096 elsewhere). ``sample`` (:class:`Sampler`): the softmax
-    runs over those columns of the head only, each standing for ``1 / q`` of its kind (both values
-    are then estimates)."""
+    a CPU, where it measured fastest, 4,096 elsewhere). ``sample`` (a :class:`Sampler`'s): the
+    softmax runs over those columns of the head only, their logits lowered by ``log q``, and the
+    teacher's distribution is renormalised over them; both values are then estimates."""
     if share and (teacher is None or idx is None):
         raise ValueError("head_loss: a teacher share needs the teacher and the input tokens")
     rows = rows or _default_rows(hidden.device)
@@ -134,14 +135,20 @@ class Sample(NamedTuple):
 
 
 class Sampler:
-    """A sampled softmax for the training head (Jean et al. 2015; the logQ correction of Yi et al.
-    2019): a step's softmax runs over the ``top`` most frequent tokens and every token that is a
-    target in the batch, not the whole vocabulary. On a CPU recipe's step (8,192 tokens, 4,096
-    targets) that is ~1,800 columns: the head's three matmuls and the softmax shrink 4-5x. A token
-    outside the ``top`` is in a batch of ``n`` targets with chance ``q = 1 - (1 - f)^n`` (``f``: its
-    frequency in ``counts``), so its logit is lowered by ``log q`` in the softmax, which then
-    estimates the whole vocabulary's normaliser. The estimate leans on rare tokens being spread
-    evenly; a run ends on the whole softmax (``train.sampled_softmax``), which calibrates them."""
+    """A sampled softmax for the training head (Jean et al. 2015, with the logQ correction of Yi et
+    al. 2019): a step's softmax runs over the ``top`` most frequent tokens and every token that is
+    a target in the batch, not the whole vocabulary. On the CPU recipe's step (4,096 targets, an
+    8,192-token vocabulary) that is ~1,800 columns, and the head's loss with its gradients takes
+    ~40 ms in place of 125-180 (without the teacher; with it, ~110-140 in place of 215-250).
+
+    A token outside the ``top`` is among a batch's ``n`` targets with chance ``q = 1 - (1 - f)^n``
+    (``f``: its frequency in ``counts``), so in the softmax its logit is lowered by ``log q``,
+    floored at ``log(min_q)``: a sampled token then stands for the rare tokens left out, and the
+    normaliser estimates the whole vocabulary's. The floor bounds the weight one rare token can
+    take (unbounded, the teacher's mass on rare tokens weighted by ``1 / q`` up to 160 diverged a
+    ten-minute run). The estimate is biased towards the rare tokens; a run that ends on the whole
+    softmax (``train.sampled_softmax`` below 1) calibrates them in its last part. The model is a
+    plain GPT either way: only the training step changes."""
 
     def __init__(self, counts: torch.Tensor, top: int, n: int, min_q: float = 0.1):
         freq = counts.double().clamp(min=0.5) / counts.sum().clamp(min=1)

@@ -108,11 +108,14 @@ def run_driver(tmp_path: Path, data: Path, out: Path, kill_step: int, cfg: Train
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, data: Path, optimizer: str) -> None:
+@pytest.mark.parametrize("optimizer,extra", [("adamw", {}), ("muon", {}),
+                                             ("adamw", dict(sampled_softmax=0.7, sampled_softmax_top=4))])
+def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, data: Path, optimizer: str, extra: dict) -> None:
     # dropout > 0 so that the restored RNG state matters, eval + checkpoints mid-run; Muon (the CPU
-    # recipe's optimizer for the block matrices) restores its momentum as AdamW its moments
-    cfg = small_cfg(model={**SMALL, "dropout": 0.1}, max_steps=20, ckpt_every=4, eval_every=5, optimizer=optimizer)
+    # recipe's optimizer for the block matrices) restores its momentum as AdamW its moments; the
+    # sampled softmax (steps 0-13 here) is resumed inside it and switches to the whole softmax after
+    cfg = small_cfg(model={**SMALL, "dropout": 0.1}, max_steps=20, ckpt_every=4, eval_every=5, optimizer=optimizer,
+                    **extra)
     straight = run_driver(tmp_path, data, tmp_path / "straight", -1, cfg)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -654,6 +657,32 @@ def test_an_ngram_teacher_changes_the_updates_and_the_logged_loss_stays_the_cros
     assert runs[3][1] == pytest.approx(runs[0][1], rel=1e-5)
     assert not torch.equal(states[3]["lm_head.weight"], states[0]["lm_head.weight"])
     assert runs[3][20] < runs[3][1] - 1.0  # and it learns (6.4 -> 4.6 here)
+
+
+def test_the_sampled_softmax_runs_for_its_share_of_the_budget_and_the_model_learns(tmp_path: Path,
+                                                                                  data: Path) -> None:
+    from llmforge.model.train import Budget
+
+    budget = Budget(TrainConfig(max_steps=100, sampled_softmax=0.6), tokens_per_step=128)
+    on = []
+    for step in (0, 59, 60, 99):
+        budget.lr_factor(step, step == 99)
+        on.append(budget.sampled())
+    assert on == [True, True, False, False]
+    assert not {"sampled_softmax", "sampled_softmax_top", "sampled_softmax_min_q"} & set(TrainConfig().key_dict())
+
+    runs, states = {}, {}
+    for share in (0.0, 0.5):
+        s = train(small_cfg(sampled_softmax=share, sampled_softmax_top=4, teacher_order=2, teacher_weight=0.5,
+                            sample_prompts=[], log_every=1), data, tmp_path / f"s{share}")
+        runs[share] = loss_curve(s["mlflow_run_id"])
+        states[share] = load_checkpoint(s["checkpoint"])["model_state"]
+    assert not torch.equal(states[0.5]["lm_head.weight"], states[0.0]["lm_head.weight"])
+    # it learns (here 6.2 -> 5.5; 5.1 without it: 128 targets a step sample a small vocabulary's columns
+    # poorly), and the first step's loss is the sample's estimate, not the whole softmax's
+    assert runs[0.5][20] < runs[0.0][1] - 0.5
+    assert runs[0.5][1] != pytest.approx(runs[0.0][1], rel=1e-3)
+    assert set(states[0.5]) == set(states[0.0])  # the same plain model
 
 
 def test_a_teacher_needs_the_token_dataset_batches(tmp_path: Path, data: Path) -> None:
