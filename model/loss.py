@@ -145,10 +145,11 @@ class Sampler:
     (``f``: its frequency in ``counts``), so in the softmax its logit is lowered by ``log q``,
     floored at ``log(min_q)``: a sampled token then stands for the rare tokens left out, and the
     normaliser estimates the whole vocabulary's. The floor bounds the weight one rare token can
-    take (unbounded, the teacher's mass on rare tokens weighted by ``1 / q`` up to 160 diverged a
-    ten-minute run). The estimate is biased towards the rare tokens; a run that ends on the whole
-    softmax (``train.sampled_softmax`` below 1) calibrates them in its last part. The model is a
-    plain GPT either way: only the training step changes."""
+    take. The teacher's distribution is renormalised over the sampled columns, not weighted by
+    ``1 / q``: so weighted (q unfloored, up to 160x), 1% of its rows summed to more than 4 and a
+    ten-minute run diverged. The estimate is biased towards the rare tokens; a run that ends on
+    the whole softmax (``train.sampled_softmax`` below 1) calibrates them in its last part. The
+    model is a plain GPT either way: only the training step changes."""
 
     def __init__(self, counts: torch.Tensor, top: int, n: int, min_q: float = 0.1):
         freq = counts.double().clamp(min=0.5) / counts.sum().clamp(min=1)
