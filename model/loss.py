@@ -163,14 +163,9 @@ class Sampler:
     def count(cls, dataset: Any, split: str, max_tokens: int, top: int, n: int, min_q: float = 0.1) -> "Sampler":
         """Count the first ``max_tokens`` tokens of ``split`` (shard by shard, in order)."""
         t0 = time.perf_counter()
-        counts, seen = np.zeros(dataset.vocab_size, dtype=np.int64), 0
-        for shard in dataset.shards(split):
-            part = np.asarray(shard.tokens[: max_tokens - seen])
-            counts += np.bincount(part, minlength=dataset.vocab_size)[: dataset.vocab_size]
-            seen += len(part)
-            if seen >= max_tokens:
-                break
-        sampler = cls(torch.from_numpy(counts), top, n, min_q)
+        tokens = dataset.first_tokens(split, max_tokens)
+        counts = np.bincount(tokens, minlength=dataset.vocab_size)[: dataset.vocab_size]
+        sampler = cls(torch.from_numpy(counts.astype(np.int64)), top, n, min_q)
         sampler.seconds = time.perf_counter() - t0
         return sampler
 

@@ -105,16 +105,11 @@ class NgramTeacher:
     def count(cls, dataset: Dataset, split: str, order: int, max_tokens: int) -> "NgramTeacher":
         """Count the first ``max_tokens`` tokens of ``split`` (shard by shard, in order)."""
         t0 = time.perf_counter()
-        parts, n = [], 0
-        for shard in dataset.shards(split):
-            part = np.asarray(shard.tokens[: max_tokens - n])
-            parts.append(part)
-            n += len(part)
-            if n >= max_tokens:
-                break
-        if n <= order:
-            raise ConfigError(f"{dataset.root}: split {split!r} has {n} tokens, too few to count {order}-grams")
-        teacher = cls.from_tokens(np.concatenate(parts), dataset.vocab_size, order)
+        tokens = dataset.first_tokens(split, max_tokens)
+        if len(tokens) <= order:
+            raise ConfigError(f"{dataset.root}: split {split!r} has {len(tokens)} tokens, "
+                              f"too few to count {order}-grams")
+        teacher = cls.from_tokens(tokens, dataset.vocab_size, order)
         teacher.seconds = time.perf_counter() - t0
         return teacher
 

@@ -337,6 +337,17 @@ class Dataset:
         entries = self.manifest["splits"][split]["shards"] if split in self.manifest["splits"] else []
         return [Shard(p, e) for p, e in zip(self.shard_paths(split), entries)]
 
+    def first_tokens(self, split: str, max_tokens: int) -> np.ndarray:
+        """The first ``max_tokens`` tokens of ``split`` (fewer if it has fewer), shard by shard in order."""
+        parts, n = [], 0
+        for shard in self.shards(split):
+            part = np.asarray(shard.tokens[: max_tokens - n])
+            parts.append(part)
+            n += len(part)
+            if n >= max_tokens:
+                break
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
     def num_tokens(self, split: str) -> int:
         return int(self.manifest["splits"][split]["tokens"])
 
