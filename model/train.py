@@ -97,7 +97,8 @@ class TrainConfig(Config):
     teacher_tokens: Count = added_later(64_000_000, "tokens of the training split the teacher counts", gt=0)
     sampled_softmax: float = added_later(0.0, "share of the budget during which the head's softmax runs over a "
                                          "sample of the vocabulary (the batch's targets and the "
-                                         "`sampled_softmax_top` most frequent tokens; model/loss.py); 0 = off",
+                                         "`sampled_softmax_top` most frequent tokens; model/loss.py); 0 = off, "
+                                         "1 = every step",
                                          ge=0, le=1)
     sampled_softmax_top: int = added_later(1024, "the most frequent tokens (counted over `teacher_tokens` of the "
                                            "training split) always in the sampled softmax", ge=0)
@@ -260,8 +261,8 @@ class Budget:
         return cfg.teacher_weight * (1.0 - reached) + cfg.teacher_final * reached
 
     def sampled(self) -> bool:
-        """Whether the step whose lr was set last runs the sampled softmax."""
-        return self.share < self.cfg.sampled_softmax
+        """Whether the step whose lr was set last runs the sampled softmax (every step at 1.0)."""
+        return self.share < self.cfg.sampled_softmax or self.cfg.sampled_softmax >= 1.0
 
     def next_step(self, step: int, dist: DistInfo, device: torch.device) -> tuple[bool, float]:
         """(is this the last step, its lr factor). Under DDP a time budget is read off rank 0's
@@ -704,7 +705,8 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
                                 cfg.batch_size * block_size, cfg.sampled_softmax_min_q).to(device)
         budget.spent_before += sampler.seconds
         if dist.is_main:
-            print(f"sampled softmax for the first {cfg.sampled_softmax:.0%} of the budget: the batch's targets and "
+            span = "the whole budget" if cfg.sampled_softmax >= 1 else f"the first {cfg.sampled_softmax:.0%} of the budget"
+            print(f"sampled softmax for {span}: the batch's targets and "
                   f"the {len(sampler.frequent):,} most frequent tokens (counted in {sampler.seconds:.1f} s)", flush=True)
 
     corpus = ((dataset.manifest.get("config") or {}).get("corpus") or {}).get("name") if dataset else None
