@@ -669,9 +669,9 @@ def test_the_sampled_softmax_runs_for_its_share_of_the_budget_and_the_model_lear
         budget.lr_factor(step, step == 99)
         on.append(budget.sampled())
     assert on == [True, True, False, False]
-    whole = Budget(TrainConfig(max_steps=100, sampled_softmax=1.0), tokens_per_step=128)
-    whole.lr_factor(99, True)  # the last step's share of the budget is 1.0: still sampled
-    assert whole.sampled()
+    whole = Budget(TrainConfig(tokens=12_800, sampled_softmax=1.0), tokens_per_step=128)
+    whole.lr_factor(99, True)  # the last step of a budget has spent all of it (share 1.0): still sampled
+    assert whole.share == 1.0 and whole.sampled()
     assert not {"sampled_softmax", "sampled_softmax_top", "sampled_softmax_min_q"} & set(TrainConfig().key_dict())
 
     runs, states = {}, {}
