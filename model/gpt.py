@@ -32,6 +32,7 @@ from pydantic import Field, create_model, model_validator
 
 from llmforge.config import Config, added_later, read_yaml
 from llmforge.errors import ConfigError, NotFound, did_you_mean
+from llmforge.model.runtime import fast_bf16
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -213,6 +214,31 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+# Up to this context, causal attention in half precision on a CPU is two matmuls and a softmax rather
+# than torch's CPU flash kernel, whose backward in bfloat16 is slow: forward and backward of one layer
+# of 32 x 4 heads x 128 positions x 32 dims took 17 ms with the kernel and 4.6 ms by matmuls, 16 x 256
+# 14.4 / 8.4 ms, 8 x 512 23 / 17 ms, 4 x 1,024 26 / 82 ms (2 threads, AVX-512 bf16). In float32
+# the kernel is as fast or faster (9.3 / 10.8 ms at 128), so float32 keeps it.
+MATMUL_ATTENTION_MAX_T = 512
+
+
+def _attention_by_matmuls(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and \
+        q.size(-2) <= MATMUL_ATTENTION_MAX_T
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` written out: ``softmax(q k^T /
+    sqrt(d))`` over the keys at or before each query, times ``v``; ``q`` is ``[B, H, T, D]``, ``k``
+    and ``v`` ``[B, H_kv, T, D]`` (grouped query heads share a key/value head)."""
+    T, groups = q.size(-2), q.size(1) // k.size(1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q * q.size(-1) ** -0.5) @ k.mT
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -231,9 +257,12 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        if kw.get("is_causal") and not dropout and _attention_by_matmuls(q):
+            return causal_attention(q, k, v)
         if self.n_kv_head != self.n_head:  # query heads share each key/value head in groups
             kw["enable_gqa"] = True
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, **kw)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **kw)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None = None, ve: torch.Tensor | None = None) -> torch.Tensor:
@@ -517,10 +546,12 @@ _MUON_BASE: Any = getattr(torch.optim, "Muon", torch.optim.Optimizer)  # torch.o
 
 class Muon(_MUON_BASE):
     """``torch.optim.Muon``, with its Newton-Schulz iteration run in a precision the device is fast
-    at: bfloat16 on CUDA, as torch does, and float32 elsewhere. torch's iteration is bfloat16
-    everywhere, and a CPU without bfloat16 matrix units runs it ~13x slower than float32: 963 ms
-    against 76 ms per step for the matrices of a 4x128 SwiGLU model on the 2-core dev machine,
-    where the model's own step takes ~350 ms. Matrices of one shape go through the iteration
+    at: bfloat16 on CUDA, as torch does, and on a CPU that multiplies bfloat16 fast
+    (:func:`~llmforge.model.runtime.fast_bf16`: 4.1 against 15.2 ms per step for the matrices of a
+    4x128 SwiGLU model on an AMD EPYC with AVX-512 bf16), float32 elsewhere. torch's iteration is
+    bfloat16 everywhere, and a CPU without bfloat16 matrix units runs it ~13x slower than float32:
+    963 ms against 76 ms per step for the same matrices on an AVX2 machine, where the model's own
+    step took ~350 ms. Matrices of one shape go through the iteration
     together (one batched product each). Parameter groups and state are torch's
     (``momentum_buffer``), so optimizer state moves between the two unchanged.
     """
@@ -542,7 +573,7 @@ class Muon(_MUON_BASE):
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 by_shape.setdefault((tuple(p.shape), p.device), []).append((p, update))
             for (shape, device), items in by_shape.items():
-                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                dtype = torch.bfloat16 if fast_bf16(device) else torch.float32
                 ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"],
                                       group["ns_coefficients"], group["eps"], dtype)
                 rows, cols = shape

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmforge.model.gpt import GPT, GPTConfig, Muon, MuonWithAdamW, load_preset, newton_schulz
+from llmforge.model.gpt import GPT, GPTConfig, Muon, MuonWithAdamW, causal_attention, load_preset, newton_schulz
+from llmforge.model.runtime import cpu_bf16_speedup, fast_bf16
 
 torch.set_num_threads(1)
 
@@ -209,7 +210,7 @@ def test_muon_takes_block_matrices_and_adamw_the_rest_and_both_train():
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
-def test_muon_runs_torchs_iteration_in_float32_on_cpu_batched_by_shape():
+def test_muon_runs_torchs_iteration_batched_by_shape():
     from torch.optim._muon import _zeropower_via_newtonschulz  # torch's own iteration (bfloat16)
 
     torch.manual_seed(0)
@@ -419,3 +420,51 @@ def test_model_options_are_settable_from_the_command_line_spec():
     assert (cfg.mlp, cfg.kv_heads, cfg.qk_norm, cfg.hidden_dim) == ("swiglu", 2, True, 704)
     with pytest.raises(ValueError, match="mlp"):
         ModelSpec.load({"mlp": "relu"})
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_causal_attention_by_matmuls_equals_torchs_kernel_in_values_and_gradients(kv_heads: int):
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 20, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, kv_heads, 20, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ours = causal_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != 4)
+    torch.testing.assert_close(ours, ref)
+    w = torch.randn_like(ours)
+    grads = torch.autograd.grad((ours * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    # position 0 attends to itself only; changing a later key changes nothing before it
+    torch.testing.assert_close(ours[:, :, 0], v.repeat_interleave(4 // kv_heads, 1)[:, :, 0])
+    k2 = k.detach().clone()
+    k2[:, :, 10:] += 5.0
+    torch.testing.assert_close(causal_attention(q, k2, v)[:, :, :10], ours[:, :, :10])
+
+
+def test_a_bfloat16_forward_on_a_cpu_attends_by_matmuls_and_matches_float32(monkeypatch):
+    import llmforge.model.gpt as gpt_module
+
+    torch.manual_seed(0)
+    m = GPT(tiny(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64)).train()
+    x = torch.randint(0, 97, (4, 64))
+    h32, _ = m(x, hidden=True)
+    calls = []
+    real = gpt_module.causal_attention
+    monkeypatch.setattr(gpt_module, "causal_attention", lambda *a: calls.append(a[0].dtype) or real(*a))
+    m(x, hidden=True)
+    assert calls == []  # float32 keeps torch's kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h16, _ = m(x, hidden=True)
+    assert calls == [torch.bfloat16] * 2  # both layers, by matmuls
+    torch.testing.assert_close(h16.float(), h32, atol=0.1, rtol=0.05)
+    assert (h16.float() - h32).abs().mean() < 0.02
+    h16.float().square().mean().backward()  # and it trains
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)
+
+
+def test_the_cpu_bf16_probe_gives_a_ratio_and_fast_bf16_follows_it():
+    speedup = cpu_bf16_speedup()
+    assert speedup > 0 and cpu_bf16_speedup() == speedup  # measured once per process
+    assert fast_bf16(torch.device("cpu")) == (speedup >= 1.5)
+    assert not fast_bf16(torch.device("meta"))
