@@ -227,16 +227,20 @@ def _attention_by_matmuls(q: torch.Tensor) -> bool:
         q.size(-2) <= MATMUL_ATTENTION_MAX_T
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` written out: ``softmax(q k^T /
-    sqrt(d))`` over the keys at or before each query, times ``v``; ``q`` is ``[B, H, T, D]``, ``k``
-    and ``v`` ``[B, H_kv, T, D]`` (grouped query heads share a key/value head)."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)`` written out:
+    ``softmax(q k^T / sqrt(d))`` over the keys at or before each query (with dropout on those
+    weights), times ``v``; ``q`` is ``[B, H, T, D]``, ``k`` and ``v`` ``[B, H_kv, T, D]`` (grouped
+    query heads share a key/value head)."""
     T, groups = q.size(-2), q.size(1) // k.size(1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q * q.size(-1) ** -0.5) @ k.mT
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+    weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    return weights @ v
 
 
 class CausalSelfAttention(nn.Module):
@@ -258,8 +262,8 @@ class CausalSelfAttention(nn.Module):
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
-        if kw.get("is_causal") and not dropout and _attention_by_matmuls(q):
-            return causal_attention(q, k, v)
+        if kw.get("is_causal") and _attention_by_matmuls(q):
+            return causal_attention(q, k, v, dropout)
         if self.n_kv_head != self.n_head:  # query heads share each key/value head in groups
             kw["enable_gqa"] = True
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **kw)

@@ -109,11 +109,13 @@ def run_driver(tmp_path: Path, data: Path, out: Path, kill_step: int, cfg: Train
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer,extra", [("adamw", {}), ("muon", {}),
-                                             ("adamw", dict(sampled_softmax=0.7, sampled_softmax_top=4))])
+                                             ("adamw", dict(sampled_softmax=0.7, sampled_softmax_top=4)),
+                                             ("muon", dict(dtype="bfloat16"))])
 def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, data: Path, optimizer: str, extra: dict) -> None:
     # dropout > 0 so that the restored RNG state matters, eval + checkpoints mid-run; Muon (the CPU
     # recipe's optimizer for the block matrices) restores its momentum as AdamW its moments; the
-    # sampled softmax (steps 0-13 here) is resumed inside it and switches to the whole softmax after
+    # sampled softmax (steps 0-13 here) is resumed inside it and switches to the whole softmax after;
+    # bfloat16 autocast (the CPU recipe's: its attention by matmuls, with dropout) resumes as exactly
     cfg = small_cfg(model={**SMALL, "dropout": 0.1}, max_steps=20, ckpt_every=4, eval_every=5, optimizer=optimizer,
                     **extra)
     straight = run_driver(tmp_path, data, tmp_path / "straight", -1, cfg)
