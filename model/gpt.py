@@ -32,7 +32,6 @@ from pydantic import Field, create_model, model_validator
 
 from llmforge.config import Config, added_later, read_yaml
 from llmforge.errors import ConfigError, NotFound, did_you_mean
-from llmforge.model.runtime import fast_bf16
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -475,7 +474,7 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay: float, lr: float, betas: tuple[float, float],
                              device_type: str, muon: bool = False, embedding_lr: float | None = None,
-                             head_lr: float | None = None) -> torch.optim.Optimizer:
+                             head_lr: float | None = None, bf16: bool = False) -> torch.optim.Optimizer:
         """AdamW with weight decay on >=2-D weights only (matrices and embeddings, not norms or
         biases); fused (on CUDA and CPU).
 
@@ -489,6 +488,7 @@ class GPT(nn.Module):
         (embedding/head, norms, biases) to AdamW. Either way ONE optimizer object comes back
         (:class:`MuonWithAdamW` in the Muon case) whose ``param_groups``, ``step``, ``zero_grad``
         and ``state_dict`` behave like any torch optimizer, so LR schedulers work unchanged.
+        ``bf16`` (a run in bfloat16 autocast) runs Muon's iteration in bfloat16 on a CPU too.
         """
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}  # a tied head appears once, as wte
         fused = device_type in ("cuda", "cpu")  # one kernel per step; and it can skip a non-finite step
@@ -516,6 +516,7 @@ class GPT(nn.Module):
             raise RuntimeError(f"muon=True needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
         matrices = [p for n, p in params.items() if in_muon(n, p)]
         muon_opt = Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        muon_opt.bf16 = bf16
         return MuonWithAdamW(muon_opt, adamw)
 
 
@@ -550,15 +551,18 @@ _MUON_BASE: Any = getattr(torch.optim, "Muon", torch.optim.Optimizer)  # torch.o
 
 class Muon(_MUON_BASE):
     """``torch.optim.Muon``, with its Newton-Schulz iteration run in a precision the device is fast
-    at: bfloat16 on CUDA, as torch does, and on a CPU that multiplies bfloat16 fast
-    (:func:`~llmforge.model.runtime.fast_bf16`: 4.1 against 15.2 ms per step for the matrices of a
-    4x128 SwiGLU model on an AMD EPYC with AVX-512 bf16), float32 elsewhere. torch's iteration is
+    at: bfloat16 on CUDA, as torch does, and in a run that trains in bfloat16 autocast (``bf16``,
+    set by ``configure_optimizers``: on an AMD EPYC with AVX-512 bf16, 4.1 against 15.2 ms per step
+    for the matrices of a 4x128 SwiGLU model), float32 elsewhere; decided by the run's settings, not
+    by timing the machine, so a resumed run repeats the same arithmetic. torch's iteration is
     bfloat16 everywhere, and a CPU without bfloat16 matrix units runs it ~13x slower than float32:
     963 ms against 76 ms per step for the same matrices on an AVX2 machine, where the model's own
     step took ~350 ms. Matrices of one shape go through the iteration
     together (one batched product each). Parameter groups and state are torch's
     (``momentum_buffer``), so optimizer state moves between the two unchanged.
     """
+
+    bf16 = False  # the iteration in bfloat16 off CUDA too (not optimizer state: a property of the run)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -577,7 +581,7 @@ class Muon(_MUON_BASE):
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 by_shape.setdefault((tuple(p.shape), p.device), []).append((p, update))
             for (shape, device), items in by_shape.items():
-                dtype = torch.bfloat16 if fast_bf16(device) else torch.float32
+                dtype = torch.bfloat16 if device.type == "cuda" or self.bf16 else torch.float32
                 ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"],
                                       group["ns_coefficients"], group["eps"], dtype)
                 rows, cols = shape

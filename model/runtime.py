@@ -139,7 +139,8 @@ def cpu_bf16_speedup() -> float:
 
 def fast_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices clearly faster than float32 ones: CUDA with
-    bf16, or a CPU where :func:`cpu_bf16_speedup` is at least 1.5."""
+    bf16, or a CPU where :func:`cpu_bf16_speedup` is at least 1.5. A timing: for advice (a line
+    when a run asks for bf16 on a CPU that is slow at it), never to choose arithmetic."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_bf16_speedup() >= 1.5

@@ -607,14 +607,14 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
     if resume is not None:
         model.load_state_dict(resume["model_state"])
     model.to(device)
+    dtype = resolve_dtype(cfg.dtype, device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type,
                                            muon=cfg.optimizer == "muon", embedding_lr=cfg.embedding_lr,
-                                           head_lr=cfg.head_lr)
+                                           head_lr=cfg.head_lr, bf16=dtype == torch.bfloat16)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not params:
         raise ConfigError("no parameter requires grad: nothing to train")
-    dtype = resolve_dtype(cfg.dtype, device)
     if device.type == "cpu" and dtype == torch.bfloat16 and not fast_bf16(device) and dist.is_main:
         print(f"train.dtype bfloat16: this CPU multiplies bfloat16 matrices {cpu_bf16_speedup():.2f}x as fast as "
               "float32 ones (no bfloat16 instructions its matmul uses): --set train.dtype=float32 trains faster here",
