@@ -118,13 +118,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+FAST_BF16_SPEEDUP = 1.5  # a CPU at least this much faster at bf16 matmuls than at float32 ones is "fast at bf16"
+
+
 @functools.cache
 def cpu_bf16_speedup() -> float:
     """float32 matmul time over bfloat16 matmul time on this CPU (torch's CPU matmul, this
     process' threads): ~4.5 on a CPU with AVX-512 bf16 that oneDNN drives at full rate (an AMD
     EPYC: 965 against 212 GFLOP/s on two cores), below 1 where bfloat16 is emulated or its casts
-    cost more than the product saves (an Intel Xeon with AVX-512 bf16 measured 0.6). Timed once
-    per process on a 256 x 128 x 256 product, best of 5, a few milliseconds."""
+    cost more than the product saves (an Intel Xeon with AVX-512 bf16: 0.6 on 256 x 128 x 8,192). Timed once
+    per process on a 256 x 128 x 256 product, best of 5, a few milliseconds. A timing: for advice
+    (a line when a run asks for bf16 on a CPU slower than ``FAST_BF16_SPEEDUP``), never to choose
+    arithmetic, which a resumed run must repeat exactly."""
     def best(dtype: torch.dtype) -> float:
         a, b = torch.randn(256, 128).to(dtype), torch.randn(128, 256).to(dtype)
         a @ b  # noqa: B018 - warm-up (the first call picks and builds the kernel)
@@ -135,15 +140,6 @@ def cpu_bf16_speedup() -> float:
             times.append(time.perf_counter() - t0)
         return min(times)
     return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices clearly faster than float32 ones: CUDA with
-    bf16, or a CPU where :func:`cpu_bf16_speedup` is at least 1.5. A timing: for advice (a line
-    when a run asks for bf16 on a CPU that is slow at it), never to choose arithmetic."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_bf16_speedup() >= 1.5
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:

@@ -47,8 +47,8 @@ from llmforge.model.generate import DEFAULT_PROMPTS, SamplingConfig, format_samp
 from llmforge.model.gpt import GPT, GPTConfig, ModelSpec, preset_path, resolve_model
 from llmforge.model.lora import LoRALinear
 from llmforge.model.loss import Sampler, head_loss
-from llmforge.model.runtime import (DistInfo, all_reduce, autocast, cpu_bf16_speedup, fast_bf16, peak_flops,
-                                    resolve_device, resolve_dtype)
+from llmforge.model.runtime import (FAST_BF16_SPEEDUP, DistInfo, all_reduce, autocast, cpu_bf16_speedup,
+                                    peak_flops, resolve_device, resolve_dtype)
 from llmforge.model.teacher import NgramTeacher
 from llmforge.pipeline.fsutil import DirLock, atomic_write_json, atomic_write_text, read_json
 from llmforge.pipeline.shards import Dataset
@@ -615,7 +615,7 @@ def _train(recipe: TrainRecipe, data_dir: Any, out_dir: Path, dist: DistInfo, de
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not params:
         raise ConfigError("no parameter requires grad: nothing to train")
-    if device.type == "cpu" and dtype == torch.bfloat16 and not fast_bf16(device) and dist.is_main:
+    if device.type == "cpu" and dtype == torch.bfloat16 and dist.is_main and cpu_bf16_speedup() < FAST_BF16_SPEEDUP:
         print(f"train.dtype bfloat16: this CPU multiplies bfloat16 matrices {cpu_bf16_speedup():.2f}x as fast as "
               "float32 ones (no bfloat16 instructions its matmul uses): --set train.dtype=float32 trains faster here",
               flush=True)
