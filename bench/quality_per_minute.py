@@ -120,7 +120,7 @@ def run_once(recipe: str, budget: str, i: int, data: Path, held: Path, cache: Pa
     summary = json.loads((out / "summary.json").read_text())
     cap = ["--max-tokens", str(eval_tokens)] if eval_tokens else []
     llmforge(["evaluate", summary["checkpoint"], "--data", str(held), "--split", "train", "--max-new-tokens", "0",
-              "--no-prefect", "--out", str(out / "heldout.json"), *cap], env)
+              "--no-prefect", "--out", str(out / "heldout.json"), "--dtype", "float32", *cap], env)
     result = json.loads((out / "heldout.json").read_text())["train"]
     tokens = summary["step"] * summary["tokens_per_step"]
     return Result(name or recipe, budget, summary["budget_spent_s"], tokens, tokens / summary["budget_spent_s"],

@@ -92,10 +92,11 @@ def tiny_config(vocab_size: int, block_size: int = 16) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)
 
 
-def save_model(path: Path, model: GPT, tok: Tokenizer, *, run_id: str | None = None, step: int = 0) -> Path:
+def save_model(path: Path, model: GPT, tok: Tokenizer, *, run_id: str | None = None, step: int = 0,
+               train: dict | None = None) -> Path:
     return save_checkpoint(
         path, model_state=model.state_dict(), optimizer_state=None, scheduler_state=None, step=step,
-        data_state={}, rng_state=capture_rng_state(), config={"model": model.config.to_dict(), "train": {}},
+        data_state={}, rng_state=capture_rng_state(), config={"model": model.config.to_dict(), "train": train or {}},
         lineage={"dataset_fingerprint": None, "tokenizer_fingerprint": tok.fingerprint, "mlflow_run_id": run_id,
                  "base_checkpoint": None},
         tokenizer=tok.proto,
@@ -293,6 +294,25 @@ def test_evaluate_writes_results_json_and_mlflow_run(tmp_path, monkeypatch, data
     assert (run.info.end_time - run.info.start_time) / 1000 >= saved["seconds"]  # the run spans the work
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"eval.json", "samples.txt"} <= artifacts
+
+
+@pytest.mark.parametrize("trained_in,auto", [("bfloat16", torch.bfloat16), ("float32", torch.float32),
+                                              ("auto", torch.float32)])
+def test_evaluate_scores_in_the_precision_the_model_trained_in(tmp_path, monkeypatch, dataset, tok, trained,
+                                                               trained_in, auto):
+    """On a CPU ``--dtype auto`` scores a model trained in bf16 autocast in bf16 (as its training-time
+    validation did), any other in float32; ``--dtype float32`` is float32 whatever it trained in."""
+    monkeypatch.setenv("LLMFORGE_MLRUNS", str(tmp_path / "mlruns"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ckpt = save_model(tmp_path / "ckpt.pt", trained, tok, train={"dtype": trained_in})
+    expect = {d: score_split(trained, dataset, "val", block_size=32, batch_size=4, dtype=d)["loss"]
+              for d in (torch.float32, torch.bfloat16)}
+    assert expect[torch.float32] != expect[torch.bfloat16]  # the two precisions are told apart below
+    for name, dtype in (("auto", auto), ("float32", torch.float32)):
+        cfg = EvalConfig(batch_size=4, max_new_tokens=0, device="cpu", dtype=name)
+        result = EvalStage(ckpt, dataset.root, cfg, out=tmp_path / f"eval-{name}.json").run(progress=False)
+        assert result["dtype"] == str(dtype).removeprefix("torch.")
+        assert result["val"]["loss"] == pytest.approx(expect[dtype], rel=1e-12, abs=0)
 
 
 def test_evaluate_refuses_data_from_another_tokenizer(tmp_path, dataset, tok, trained):
