@@ -115,7 +115,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, data: Path, optim
     # dropout > 0 so that the restored RNG state matters, eval + checkpoints mid-run; Muon (the CPU
     # recipe's optimizer for the block matrices) restores its momentum as AdamW its moments; the
     # sampled softmax (steps 0-13 here) is resumed inside it and switches to the whole softmax after;
-    # bfloat16 autocast (the CPU recipe's: its attention by matmuls, with dropout) resumes as exactly
+    # bfloat16 autocast (the CPU recipe's: its attention by matmuls, with dropout, and Muon's
+    # iteration in bf16) resumes exactly too
     cfg = small_cfg(model={**SMALL, "dropout": 0.1}, max_steps=20, ckpt_every=4, eval_every=5, optimizer=optimizer,
                     **extra)
     straight = run_driver(tmp_path, data, tmp_path / "straight", -1, cfg)
